@@ -1,0 +1,227 @@
+"""RobustMetaUpdate: the robust outer loss of R-MAML (paper eq. 3 and 4)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_batch, check_labels, check_pixels
+from .attacks import AttackLike
+from .params import call_model, named_params
+from .regularizers import ATRegularizer, RobustnessRegularizer
+
+__all__ = ["AuxLoss", "MetaStepStats", "RobustMetaUpdate"]
+
+
+class AuxLoss(Protocol):
+    """An auxiliary outer term such as :class:`robust_meta.ContrastiveAux`.
+
+    Called with the model, the adapted weights, the query inputs and their adversarial
+    examples; returns the **already weighted** scalar (γ_CL·ℓ_CL).
+    """
+
+    def __call__(
+        self, model: nn.Module, params: Mapping[str, Tensor] | None, inputs: Tensor, adv_inputs: Tensor
+    ) -> Tensor: ...
+
+
+@dataclass
+class MetaStepStats:
+    """Diagnostics of the last call (detached tensors; :meth:`as_dict` gives floats).
+
+    Attributes:
+        loss: the returned total.
+        clean_loss: ℓ on the clean query images.
+        robust_loss: R (``nan`` when no attack ran).
+        aux_loss: the weighted auxiliary term (0 without one).
+        clean_acc, adv_acc: accuracy on clean and adversarial query images
+            (``nan`` when targets are not class indices or no attack ran).
+    """
+
+    loss: Tensor
+    clean_loss: Tensor
+    robust_loss: Tensor
+    aux_loss: Tensor
+    clean_acc: Tensor
+    adv_acc: Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            k: float(getattr(self, k))
+            for k in ("loss", "clean_loss", "robust_loss", "aux_loss", "clean_acc", "adv_acc")
+        }
+
+
+def _accuracy(logits: Tensor, targets: Tensor) -> Tensor:
+    if logits.dim() != 2 or targets.is_floating_point():
+        return torch.tensor(float("nan"))
+    return (logits.detach().argmax(1) == targets).float().mean()
+
+
+class RobustMetaUpdate:
+    r"""Robust outer loss for one task: :math:`\ell(w'; D') + \gamma_{out} R(w'; D')` [+ aux].
+
+    Replace the cross-entropy line of an existing MAML loop by a call to this object, on
+    the same query inputs, query targets and adapted weights. Adversarial examples are
+    generated against the adapted weights ``params`` (Algorithm S1, line 8) and are
+    constants of the meta-gradient; the loss itself stays differentiable w.r.t. the
+    meta-parameters through ``params`` (second order when ``params`` carry a graph).
+
+    * ``gamma_out = 0`` (and no ``aux``) returns exactly ``loss_fn(model(x, params), y)``:
+      no attack is run.
+    * ``gamma_out = float("inf")`` is adversarial querying (AQ): the adversarial loss alone.
+
+    **Mode policy.** The attack runs the network in the mode the model is in when called:
+    train mode (MAML convention: batch statistics) in a training loop, eval mode in an
+    evaluation. The attack never moves the model's running statistics.
+
+    Args:
+        loss_fn: the user's outer loss, ``loss_fn(logits, targets) -> scalar``.
+        model: the meta-model (plain ``nn.Module`` or torchmeta ``MetaModule``).
+        attack: attack for the default AT regularizer: ``"pgd"``, ``"fgsm"`` (one step of
+            1.25ε from a uniform random start), ``"none"``, or a torchattacks attack.
+        eps: ℓ∞ radius in [0, 1] pixel units (e.g. ``2/255``). Required unless
+            ``regularizer`` is given.
+        gamma_out: weight γ_out of the robust term (paper: 0.2 for AT, 5 for TRADES);
+            ``float("inf")`` for AQ.
+        attack_steps: PGD iterations (default 10).
+        attack_step_size: PGD step (default ``2.5·eps/steps``).
+        regularizer: a :class:`RobustnessRegularizer` (e.g. ``TradesRegularizer``); replaces
+            ``attack``/``eps``.
+        aux: an auxiliary term (e.g. ``ContrastiveAux``) added as is.
+        check_inputs: validate shapes, labels, pixel range and NaN on every call.
+
+    Example:
+        >>> robust_loss = RobustMetaUpdate(F.cross_entropy, model, attack="fgsm", eps=2/255, gamma_out=0.2)
+        >>> outer_loss += robust_loss(x_query, y_query, params=fast_weights)
+
+    References:
+        Wang et al., "On Fast Adversarial Robustness Adaptation in Model-Agnostic
+        Meta-Learning", ICLR 2021, eq. 3 (R-MAML_out: γ_in = 0) and Algorithm S1.
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        model: nn.Module,
+        *,
+        attack: AttackLike = "pgd",
+        eps: float | None = None,
+        gamma_out: float,
+        attack_steps: int | None = None,
+        attack_step_size: float | None = None,
+        regularizer: RobustnessRegularizer | None = None,
+        aux: AuxLoss | None = None,
+        check_inputs: bool = True,
+    ):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        named_params(model)  # raises for a non-module or a model without parameters
+        gamma_out = float(gamma_out)
+        if math.isnan(gamma_out) or gamma_out < 0:
+            raise ValueError(f"gamma_out must be >= 0 (or inf for AQ), got {gamma_out}")
+        if regularizer is None:
+            if eps is None:
+                raise ValueError("eps is required (in [0, 1] pixel units, e.g. eps=2/255) unless regularizer= is given")
+            regularizer = ATRegularizer(
+                attack, eps=eps, steps=attack_steps, step_size=attack_step_size, check_inputs=check_inputs
+            )
+        elif not isinstance(regularizer, RobustnessRegularizer):
+            raise TypeError(f"regularizer must be a RobustnessRegularizer, got {type(regularizer).__name__}")
+        self.loss_fn = loss_fn
+        self.model = model
+        self.gamma_out = gamma_out
+        self.regularizer = regularizer
+        self.aux = aux
+        self.check_inputs = check_inputs
+        self.last: MetaStepStats | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"RobustMetaUpdate(gamma_out={self.gamma_out:g}, regularizer={self.regularizer!r}, "
+            f"aux={self.aux!r})"
+        )
+
+    @property
+    def is_aq(self) -> bool:
+        """Whether this is adversarial querying (γ_out = ∞)."""
+        return math.isinf(self.gamma_out)
+
+    def __call__(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        params: Mapping[str, Tensor] | None = None,
+        *,
+        unlabeled: Tensor | None = None,
+    ) -> Tensor:
+        """The outer loss of one task at the adapted weights ``params``.
+
+        Args:
+            inputs: query images in [0, 1].
+            targets: query labels.
+            params: adapted weights from :func:`robust_meta.adapt` (or torchmeta's
+                ``gradient_update_parameters``); ``None`` means the model's own weights.
+            unlabeled: extra unlabeled images of this task (TRADES only).
+
+        Returns:
+            A scalar tensor.
+
+        Shape:
+            inputs: ``(B, C, H, W)``; targets: ``(B,)``; unlabeled: ``(U, C, H, W)``.
+        """
+        model = self.model
+        if self.check_inputs:
+            check_batch(inputs, targets)
+            if unlabeled is not None:
+                check_batch(unlabeled, None, "unlabeled")
+        needs_attack = self.gamma_out > 0 or self.aux is not None
+        if self.check_inputs and needs_attack:
+            check_pixels(inputs)
+            if unlabeled is not None:
+                check_pixels(unlabeled, "unlabeled")
+        if self.is_aq and not isinstance(self.regularizer, ATRegularizer):
+            # TRADES needs clean predictions with gradient, so AQ is AT-only.
+            raise ValueError("gamma_out=inf (adversarial querying) needs the AT regularizer")
+
+        if self.is_aq:
+            with torch.no_grad():
+                logits = call_model(model, inputs, params)
+            clean = self.loss_fn(logits, targets).detach()
+        else:
+            logits = call_model(model, inputs, params)
+            clean = self.loss_fn(logits, targets)
+        if self.check_inputs:
+            check_labels(logits, targets)
+
+        nan = torch.tensor(float("nan"))
+        if not needs_attack:
+            if unlabeled is not None:
+                raise ValueError("unlabeled images are only used by a robust term (gamma_out > 0)")
+            self.last = MetaStepStats(clean.detach(), clean.detach(), nan, torch.zeros(()),
+                                      _accuracy(logits, targets), nan)
+            return clean
+
+        reg = self.regularizer(model, params, inputs, targets, logits=logits, loss_fn=self.loss_fn,
+                               unlabeled=unlabeled)
+        if self.is_aq:
+            total = reg.value
+        elif self.gamma_out > 0:
+            total = clean + self.gamma_out * reg.value
+        else:
+            total = clean
+        aux_value = torch.zeros((), device=total.device, dtype=total.dtype)
+        if self.aux is not None:
+            aux_value = self.aux(model, params, inputs, reg.adv_inputs)
+            total = total + aux_value
+        self.last = MetaStepStats(
+            total.detach(), clean.detach(), reg.value.detach(), aux_value.detach(),
+            _accuracy(logits, targets), _accuracy(reg.adv_logits, targets),
+        )
+        return total
