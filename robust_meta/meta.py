@@ -190,15 +190,12 @@ class RobustMetaUpdate:
             # TRADES needs clean predictions with gradient, so AQ is AT-only.
             raise ValueError("gamma_out=inf (adversarial querying) needs the AT regularizer")
 
-        if self.is_aq:
-            with torch.no_grad():
-                logits = call_model(model, inputs, params)
-            clean = self.loss_fn(logits, targets).detach()
-        else:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.is_aq):
+            # AQ: the clean pass only feeds the diagnostics.
             logits = call_model(model, inputs, params)
+            if self.check_inputs:
+                check_labels(logits, targets)
             clean = self.loss_fn(logits, targets)
-        if self.check_inputs:
-            check_labels(logits, targets)
 
         nan = torch.tensor(float("nan"))
         if not needs_attack:
