@@ -1,3 +1,4 @@
+import os
 import random
 
 import numpy as np
@@ -15,4 +16,8 @@ def _seed():
 
 
 def pytest_configure(config):
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    # Under pytest-xdist every worker is a process: one thread each avoids oversubscription.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+    else:
+        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
