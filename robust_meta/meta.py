@@ -129,8 +129,9 @@ class RobustMetaUpdate:
         if regularizer is None:
             if eps is None:
                 raise ValueError("eps is required (in [0, 1] pixel units, e.g. eps=2/255) unless regularizer= is given")
+            # The pixel check runs once in __call__, not again inside the attack.
             regularizer = ATRegularizer(
-                attack, eps=eps, steps=attack_steps, step_size=attack_step_size, check_inputs=check_inputs
+                attack, eps=eps, steps=attack_steps, step_size=attack_step_size, check_inputs=False
             )
         elif not isinstance(regularizer, RobustnessRegularizer):
             raise TypeError(f"regularizer must be a RobustnessRegularizer, got {type(regularizer).__name__}")
