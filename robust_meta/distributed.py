@@ -1,0 +1,401 @@
+"""Data-parallel meta-training and evaluation with ``torch.distributed`` (no DDP wrapper).
+
+A meta-batch is a list of tasks; each rank takes a contiguous block of it (:func:`shard`),
+adapts and computes the outer loss of its tasks, and the meta-gradients are summed across
+ranks (:func:`all_reduce_grads`) so that every rank holds exactly the gradient a single
+process would compute on the whole meta-batch. Evaluation works the same way: each rank
+evaluates its block of test tasks and :func:`gather_results` puts the per-task results back
+in the original task order.
+
+Launch with ``torchrun`` (it sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``
+and ``MASTER_PORT``)::
+
+    torchrun --nproc_per_node=2 -m robust_meta.cli train ...
+
+The training loop then needs three changes (see ``docs/performance.md``)::
+
+    init_from_env()                         # once, before building the optimizer
+    broadcast_parameters(model)             # all ranks start from rank 0's weights
+    for batch in loader:
+        tasks = shard(list(iter_tasks(batch)))   # this rank's block of the meta-batch
+        optimizer.zero_grad()
+        loss = sum(robust_loss(t.query_x, t.query_y, params=adapt(model, t.support_x,
+                   t.support_y, steps=5, step_size=0.01)) for t in tasks)
+        loss.backward()                     # the SUM over local tasks, not the mean
+        all_reduce_grads(model, average_over=n_tasks_in_meta_batch)
+        optimizer.step()
+        if is_main_process(): log / checkpoint
+
+Everything here also works without an initialised process group (a single process is
+rank 0 of a world of size 1), so the same loop runs unchanged with ``python`` and with
+``torchrun``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "all_reduce_grads",
+    "broadcast_parameters",
+    "evaluate_distributed",
+    "gather_results",
+    "get_rank",
+    "get_world_size",
+    "init_from_env",
+    "is_distributed",
+    "is_main_process",
+    "shard",
+    "shard_bounds",
+]
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    """The number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single process): log, print and save checkpoints only here."""
+    return get_rank() == 0
+
+
+def init_from_env(
+    *,
+    backend: str | None = None,
+    timeout_s: float = 600.0,
+) -> tuple[int, int]:
+    """Initialise the default process group from the ``torchrun`` environment variables.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``
+    through the ``env://`` method). Without ``WORLD_SIZE`` (a plain ``python`` run) or with
+    ``WORLD_SIZE=1`` nothing is initialised and ``(0, 1)`` is returned, so scripts run the
+    same way with and without ``torchrun``. Calling it again once initialised is a no-op.
+
+    On CUDA machines the current device is set to ``LOCAL_RANK``.
+
+    Args:
+        backend: ``"gloo"``, ``"nccl"`` or ``None`` (``"nccl"`` when CUDA is available,
+            else ``"gloo"``).
+        timeout_s: collective timeout in seconds.
+
+    Returns:
+        ``(rank, world_size)``.
+
+    Raises:
+        ValueError: malformed environment variables, an unknown backend, ``timeout_s <= 0``.
+        RuntimeError: ``torch.distributed`` is not available in this build of torch.
+
+    Example:
+        >>> rank, world = init_from_env()   # (0, 1) under plain `python`
+    """
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    env_world = os.environ.get("WORLD_SIZE")
+    if env_world is None:
+        return 0, 1
+    try:
+        world_size = int(env_world)
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as err:
+        raise ValueError(
+            f"RANK/WORLD_SIZE/LOCAL_RANK must be integers, got RANK={os.environ.get('RANK')!r} "
+            f"WORLD_SIZE={env_world!r} LOCAL_RANK={os.environ.get('LOCAL_RANK')!r}"
+        ) from err
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= RANK < WORLD_SIZE, got RANK={rank} WORLD_SIZE={world_size}")
+    if world_size == 1:
+        return 0, 1
+    if not dist.is_available():
+        raise RuntimeError("this build of torch has no torch.distributed support")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl", "mpi", "ucc"):
+        raise ValueError(f"unknown backend {backend!r}; choose from gloo, nccl, mpi, ucc")
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return rank, world_size
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if world_size is None:
+        world_size = get_world_size()
+    if rank is None:
+        rank = get_rank()
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    return rank, world_size
+
+
+def shard_bounds(n: int, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``[start, stop)`` of rank ``rank``'s contiguous block of ``n`` items.
+
+    Blocks differ in size by at most one; the first ``n % world_size`` ranks get one more.
+    Concatenating the blocks of ranks ``0..world_size-1`` gives ``range(n)`` in order.
+
+    Raises:
+        ValueError: ``n < 0`` or a bad rank/world size.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    rank, world_size = _rank_world(rank, world_size)
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (1 if rank < extra else 0)
+    return start, stop
+
+
+def shard(items: Iterable[T], rank: int | None = None, world_size: int | None = None) -> list[T]:
+    """This rank's contiguous block of ``items`` (e.g. the tasks of a meta-batch).
+
+    The partition depends only on ``len(items)``, ``rank`` and ``world_size`` (defaults:
+    the current process group; a single process gets everything), so a single process can
+    reproduce any rank's share by passing ``rank=``/``world_size=``. A rank may get an empty
+    list when there are fewer items than ranks; it must still take part in
+    :func:`all_reduce_grads` and :func:`gather_results`.
+
+    Args:
+        items: a sequence or any finite iterable (materialised into a list).
+        rank: defaults to :func:`get_rank`.
+        world_size: defaults to :func:`get_world_size`.
+
+    Returns:
+        ``list(items)[start:stop]`` with ``(start, stop) = shard_bounds(len(items), ...)``.
+
+    Raises:
+        ValueError: a bad rank or world size.
+
+    Example:
+        >>> shard(list(range(5)), rank=0, world_size=2), shard(list(range(5)), rank=1, world_size=2)
+        ([0, 1, 2], [3, 4])
+    """
+    seq = items if isinstance(items, Sequence) else list(items)
+    start, stop = shard_bounds(len(seq), rank, world_size)
+    return list(seq[start:stop])
+
+
+def _trainable(params_or_module: nn.Module | Iterable[Tensor]) -> list[Tensor]:
+    if isinstance(params_or_module, nn.Module):
+        params = list(params_or_module.parameters())
+    elif isinstance(params_or_module, Tensor):
+        params = [params_or_module]
+    else:
+        params = list(params_or_module)
+        for p in params:
+            if not isinstance(p, Tensor):
+                raise TypeError(
+                    f"params_or_module must be an nn.Module or an iterable of tensors, found "
+                    f"{type(p).__name__}"
+                )
+    return [p for p in params if p.requires_grad]
+
+
+def all_reduce_grads(
+    params_or_module: nn.Module | Iterable[Tensor],
+    *,
+    average_over: int | None = None,
+    group: Any = None,
+) -> None:
+    """Sum ``.grad`` across ranks and divide, so every rank holds the single-process meta-gradient.
+
+    Two conventions, both exact:
+
+    * ``average_over=n_tasks`` (recommended): each rank's loss is the **sum** of the outer
+      losses of its own tasks; after the call each gradient is
+      ``(1/n_tasks) Σ_{all tasks} ∇L_t`` — what one process computes with
+      ``mean(losses over all tasks)``, whatever the shard sizes.
+    * ``average_over=None``: divide by the world size (the DDP convention). Exact only when
+      every rank has the same number of tasks and each rank's loss is the mean over them.
+
+    Parameters whose ``.grad`` is ``None`` on this rank (e.g. a rank with no task) take part
+    as zeros, so every rank issues the same collectives. All gradients of one dtype and
+    device are flattened into one buffer and reduced with a single ``all_reduce``.
+
+    Args:
+        params_or_module: a module or an iterable of parameters; only those with
+            ``requires_grad`` are reduced.
+        average_over: the number of tasks in the whole meta-batch, or ``None``.
+        group: a process group (default: the world).
+
+    Raises:
+        ValueError: ``average_over < 1``.
+        TypeError: ``params_or_module`` is neither a module nor tensors.
+
+    Example:
+        >>> (sum(losses_of_my_tasks)).backward()
+        >>> all_reduce_grads(model, average_over=meta_batch_size)
+        >>> optimizer.step()
+    """
+    if average_over is not None and (
+        isinstance(average_over, bool) or not isinstance(average_over, int) or average_over < 1
+    ):
+        raise ValueError(f"average_over must be an int >= 1 or None, got {average_over!r}")
+    params = _trainable(params_or_module)
+    distributed = is_distributed()
+    world = dist.get_world_size(group) if distributed else 1
+    divisor = float(world if average_over is None else average_over)
+    for p in params:
+        if p.grad is None:
+            if not distributed:
+                continue
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params if p.grad is not None]
+    if distributed:
+        buckets: dict[tuple, list[Tensor]] = {}
+        for g in grads:
+            if g.is_sparse:
+                raise TypeError("sparse gradients are not supported by all_reduce_grads")
+            buckets.setdefault((g.device, g.dtype), []).append(g)
+        for bucket in buckets.values():
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            if divisor != 1.0:
+                flat.div_(divisor)
+            offset = 0
+            for g in bucket:
+                n = g.numel()
+                g.copy_(flat[offset : offset + n].view_as(g))
+                offset += n
+    elif divisor != 1.0:
+        for g in grads:
+            g.div_(divisor)
+
+
+def broadcast_parameters(module: nn.Module, *, src: int = 0, group: Any = None) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (no-op in a single process).
+
+    Call it once after building the model (and before the optimizer's first step) so that
+    every rank starts from identical weights, as DDP does at construction.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=src, group=group)
+
+
+def gather_results(
+    local: Sequence[T],
+    *,
+    n_total: int | None = None,
+    group: Any = None,
+) -> list[T]:
+    """Per-item results of every rank's :func:`shard`, concatenated in the original order.
+
+    Each rank passes the results of its own block (any picklable objects: floats, dicts,
+    CPU tensors). Every rank receives the full list (``all_gather_object``). In a single
+    process the input is returned as a list.
+
+    Args:
+        local: this rank's results, one per item of ``shard(items)``, in that order.
+        n_total: the expected total number of items; checked when given (also checks that
+            each rank's block has the length :func:`shard_bounds` gives it).
+        group: a process group (default: the world).
+
+    Returns:
+        The results of all items, in the order of the unsharded sequence.
+
+    Raises:
+        ValueError: the gathered length differs from ``n_total``, or a rank's block has the
+            wrong length.
+    """
+    local = list(local)
+    if not is_distributed():
+        parts = [local]
+    else:
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, local, group=group)
+    if n_total is not None:
+        world = len(parts)
+        for r, part in enumerate(parts):
+            start, stop = shard_bounds(n_total, r, world)
+            if len(part) != stop - start:
+                raise ValueError(
+                    f"rank {r} returned {len(part)} results, but its shard of {n_total} items "
+                    f"has {stop - start}"
+                )
+    out: list[T] = [x for part in parts for x in part]
+    return out
+
+
+def evaluate_distributed(model: nn.Module, tasks: Iterable[Any], **kwargs: Any) -> Any:
+    """:func:`robust_meta.evaluate.evaluate`, with the test tasks split across ranks.
+
+    Each rank evaluates its :func:`shard` of ``tasks`` with ``evaluate(model, shard, **kwargs)``;
+    the per-task values of every metric are gathered in the original task order, and every
+    rank returns the same result over all tasks (means and confidence intervals recomputed
+    from the gathered per-task values). In a single process this is ``evaluate`` itself.
+
+    Per-task results equal a single-process run when the attack is deterministic given the
+    task (e.g. PGD without random start, or ``seed=`` forwarded to ``evaluate`` when it
+    seeds each task from its index).
+
+    Args:
+        model: the meta-model (identical on every rank, e.g. after
+            :func:`broadcast_parameters`).
+        tasks: the test tasks (the same list on every rank).
+        **kwargs: forwarded to :func:`robust_meta.evaluate.evaluate`.
+
+    Returns:
+        The :class:`robust_meta.evaluate.EvalResult` over all tasks.
+    """
+    from . import evaluate as _evaluate
+
+    tasks = list(tasks)
+    if not is_distributed() or get_world_size() == 1:
+        return _evaluate.evaluate(model, tasks, **kwargs)
+    local = shard(tasks)
+    offset = shard_bounds(len(tasks))[0]
+    result = _evaluate.evaluate(model, local, **_with_task_offset(kwargs, offset)) if local else None
+    per_task = _per_task(result) if result is not None else []
+    gathered = gather_results(per_task, n_total=len(tasks))
+    return _merge_results(result, gathered, kwargs)
+
+
+# The three hooks below adapt to robust_meta.evaluate's EvalResult; they are filled in once
+# that module's per-task interface is known (see _per_task / _merge_results).
+
+
+def _with_task_offset(kwargs: dict[str, Any], offset: int) -> dict[str, Any]:
+    return dict(kwargs)
+
+
+def _per_task(result: Any) -> list[Any]:  # pragma: no cover - replaced below
+    raise NotImplementedError
+
+
+def _merge_results(result: Any, gathered: list[Any], kwargs: dict[str, Any]) -> Any:  # pragma: no cover
+    raise NotImplementedError
