@@ -161,6 +161,7 @@ class RobustMetaUpdate:
         params: Mapping[str, Tensor] | None = None,
         *,
         unlabeled: Tensor | None = None,
+        model: nn.Module | None = None,
     ) -> Tensor:
         """The outer loss of one task at the adapted weights ``params``.
 
@@ -170,6 +171,9 @@ class RobustMetaUpdate:
             params: adapted weights from :func:`robust_meta.adapt` (or torchmeta's
                 ``gradient_update_parameters``); ``None`` means the model's own weights.
             unlabeled: extra unlabeled images of this task (TRADES only).
+            model: evaluate this module instead of the one given at construction, e.g. a
+                learn2learn-style clone ``learner = maml.clone()`` adapted in place
+                (then leave ``params=None``).
 
         Returns:
             A scalar tensor.
@@ -177,7 +181,7 @@ class RobustMetaUpdate:
         Shape:
             inputs: ``(B, C, H, W)``; targets: ``(B,)``; unlabeled: ``(U, C, H, W)``.
         """
-        model = self.model
+        model = self.model if model is None else model
         if self.check_inputs:
             check_batch(inputs, targets)
             if unlabeled is not None:

@@ -174,3 +174,22 @@ def test_inner_gamma_needs_regularizer():
     with pytest.raises(ValueError, match="regularizer"):
         adapt(model, sx, sy, steps=1, step_size=0.1, gamma_in=1.0)
 
+
+
+def test_cloned_learner_style_loop_via_model_override():
+    """learn2learn style: the adapted clone is passed as `model=`, params stay None."""
+    import copy
+
+    model, tasks = tiny_net(torch.float64), make_tasks(n=1, dtype=torch.float64)
+    sx, sy, qx, qy = tasks[0]
+    robust = RobustMetaUpdate(F.cross_entropy, model, attack="fgsm", eps=0.05, gamma_out=0.2)
+    fast = adapt(model, sx, sy, steps=1, step_size=0.1, first_order=True)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in clone.named_parameters():
+            p.copy_(fast[n])
+    torch.manual_seed(0)
+    a = robust(qx, qy, model=clone)
+    torch.manual_seed(0)
+    b = robust(qx, qy, params=fast)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
