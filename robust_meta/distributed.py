@@ -351,51 +351,110 @@ def gather_results(
     return out
 
 
-def evaluate_distributed(model: nn.Module, tasks: Iterable[Any], **kwargs: Any) -> Any:
-    """:func:`robust_meta.evaluate.evaluate`, with the test tasks split across ranks.
+def evaluate_distributed(
+    model: nn.Module,
+    tasks: Iterable[Any] | Any,
+    *,
+    seed: int | None = None,
+    checks: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """:func:`robust_meta.evaluate.evaluate` with the test tasks split across ranks.
 
-    Each rank evaluates its :func:`shard` of ``tasks`` with ``evaluate(model, shard, **kwargs)``;
-    the per-task values of every metric are gathered in the original task order, and every
-    rank returns the same result over all tasks (means and confidence intervals recomputed
-    from the gathered per-task values). In a single process this is ``evaluate`` itself.
+    Each rank evaluates its :func:`shard` of ``tasks``; the per-task values of every metric
+    are gathered in the original task order and every rank returns the same
+    :class:`~robust_meta.evaluate.EvalResult` over all tasks (means and 95% intervals
+    recomputed from the gathered values; ``settings["world_size"]`` added,
+    ``settings["elapsed_s"]`` is the slowest rank's time).
 
-    Per-task results equal a single-process run when the attack is deterministic given the
-    task (e.g. PGD without random start, or ``seed=`` forwarded to ``evaluate`` when it
-    seeds each task from its index).
+    **Randomness.** With ``seed=s`` task ``i`` (its index in ``tasks``) is evaluated with
+    its attacks seeded by ``s + i``, so the per-task values do not depend on the number of
+    ranks: a 2-rank run equals a 1-process ``evaluate_distributed(..., seed=s)`` exactly.
+    (Plain ``evaluate(seed=s)`` seeds once and draws the tasks' random starts from one
+    stream, so its values differ from these.) With ``seed=None`` each shard is evaluated
+    in one call; the values then equal plain ``evaluate`` only for deterministic attacks.
+
+    **Checks.** The first-task checks run on task 0 (on rank 0); the checks on the metrics
+    (RA above SA, RA rising with ε or attack strength) run on the gathered values.
 
     Args:
-        model: the meta-model (identical on every rank, e.g. after
+        model: the meta-model, identical on every rank (e.g. after
             :func:`broadcast_parameters`).
-        tasks: the test tasks (the same list on every rank).
-        **kwargs: forwarded to :func:`robust_meta.evaluate.evaluate`.
+        tasks: the test tasks, the same sequence on every rank (anything
+            :func:`robust_meta.iter_tasks` accepts; materialised into a list).
+        seed: per-task seeding base (see above) or ``None``.
+        checks: run the sanity checks.
+        **kwargs: every other option of :func:`robust_meta.evaluate.evaluate` (``eps`` is
+            required there). ``progress`` defaults to ``False`` off the main process.
 
     Returns:
-        The :class:`robust_meta.evaluate.EvalResult` over all tasks.
+        :class:`robust_meta.evaluate.EvalResult` over all tasks, on every rank.
+
+    Raises:
+        ValueError: no tasks; anything :func:`~robust_meta.evaluate.evaluate` raises.
+
+    Example:
+        >>> init_from_env()
+        >>> res = evaluate_distributed(model, test_tasks, eps=2/255, seed=0)
+        >>> if is_main_process(): print(res.table())
     """
-    from . import evaluate as _evaluate
+    import time
+    import warnings
 
-    tasks = list(tasks)
-    if not is_distributed() or get_world_size() == 1:
-        return _evaluate.evaluate(model, tasks, **kwargs)
-    local = shard(tasks)
-    offset = shard_bounds(len(tasks))[0]
-    result = _evaluate.evaluate(model, local, **_with_task_offset(kwargs, offset)) if local else None
-    per_task = _per_task(result) if result is not None else []
-    gathered = gather_results(per_task, n_total=len(tasks))
-    return _merge_results(result, gathered, kwargs)
+    from . import evaluate as _ev
+    from .data import iter_tasks
 
+    all_tasks = list(iter_tasks(tasks))
+    max_tasks = kwargs.pop("max_tasks", None)
+    if max_tasks is not None:
+        all_tasks = all_tasks[:max_tasks]
+    if not all_tasks:
+        raise ValueError("no tasks to evaluate: the task source is empty")
+    kwargs.setdefault("progress", is_main_process())
+    n = len(all_tasks)
+    start, stop = shard_bounds(n)
+    local = all_tasks[start:stop]
 
-# The three hooks below adapt to robust_meta.evaluate's EvalResult; they are filled in once
-# that module's per-task interface is known (see _per_task / _merge_results).
+    rows: list[dict[str, float]] = []
+    messages: list[str] = []
+    settings: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    if seed is None:
+        chunks = [(local, None, checks and start == 0)] if local else []
+    else:
+        chunks = [([t], seed + start + i, checks and start + i == 0) for i, t in enumerate(local)]
+    for chunk, chunk_seed, first_checks in chunks:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", _ev.EvalWarning)
+            res = _ev.evaluate(model, chunk, seed=chunk_seed, checks=first_checks, **kwargs)
+        if first_checks:
+            # keep the first-task checks only; the metric checks are redone on all tasks
+            messages += res.warnings
+        settings = res.settings
+        names = list(res.metrics)
+        rows += [{k: res.metrics[k].values[j] for k in names} for j in range(res.n_tasks)]
+    elapsed = time.perf_counter() - t0
 
+    gathered = gather_results(rows, n_total=n)
+    meta = gather_results([(settings, messages, elapsed)])
+    settings = next((s for s, _, _ in meta if s), {})
+    messages = [m for _, msgs, _ in meta for m in msgs]
+    slowest = max(e for _, _, e in meta)
 
-def _with_task_offset(kwargs: dict[str, Any], offset: int) -> dict[str, Any]:
-    return dict(kwargs)
-
-
-def _per_task(result: Any) -> list[Any]:  # pragma: no cover - replaced below
-    raise NotImplementedError
-
-
-def _merge_results(result: Any, gathered: list[Any], kwargs: dict[str, Any]) -> Any:  # pragma: no cover
-    raise NotImplementedError
+    names = list(gathered[0])
+    metrics = {k: _ev.Metric.from_values(row[k] for row in gathered) for k in names}
+    if checks and hasattr(_ev, "_metric_checks") and hasattr(_ev, "_attack_table"):
+        # messages of the first-task checks may already hold metric checks of task 0 alone
+        first_task = list(messages)
+        table = _ev._attack_table(kwargs.get("attacks", ("pgd",)))
+        metric_msgs = _ev._metric_checks(metrics, table, list(settings.get("eps", [])))
+        messages = [m for m in first_task if not m.startswith(("RA ", "the stronger"))] + metric_msgs
+    settings = dict(settings)
+    settings.update(
+        n_tasks=n, seed=seed, world_size=get_world_size(), elapsed_s=slowest,
+        tasks_per_s=n / slowest if slowest > 0 else float("inf"),
+    )
+    if is_main_process():
+        for msg in messages:
+            warnings.warn(msg, _ev.EvalWarning, stacklevel=2)
+    return _ev.EvalResult(metrics, settings, messages)

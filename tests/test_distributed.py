@@ -19,6 +19,7 @@ from torch import nn
 from robust_meta import RobustMetaUpdate, adapt, perturb
 from robust_meta.distributed import (
     all_reduce_grads,
+    evaluate_distributed,
     gather_results,
     get_rank,
     get_world_size,
@@ -100,6 +101,18 @@ def meta_grads(model, tasks, indices, n_total):
     return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
 
 
+EVAL_KW = dict(eps=[EPS, 3 * EPS], steps=3, step_size=0.1, attack_steps=3, progress=False)
+
+
+def library_evals(model, tasks):
+    """evaluate_distributed twice: per-task seeded PGD, and a deterministic attack (FGSM)."""
+    import torchattacks
+
+    seeded = evaluate_distributed(model, tasks, seed=5, **EVAL_KW)
+    deterministic = evaluate_distributed(model, tasks, attacks={"fgsm0": torchattacks.FGSM}, **EVAL_KW)
+    return seeded, deterministic
+
+
 def single_process_reference(n_tasks):
     model = make_model()
     tasks = make_tasks(n_tasks)
@@ -131,7 +144,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, n_tasks: int) -> Non
         indices = list(range(start, stop))
         grads = meta_grads(model, local, indices, n_tasks)
         evals = gather_results([task_eval(model, t, i) for t, i in zip(local, indices)], n_total=n_tasks)
-        torch.save({"grads": grads, "evals": evals}, os.path.join(out_dir, f"rank{rank}.pt"))
+        seeded, deterministic = library_evals(model, all_tasks)
+        torch.save({"grads": grads, "evals": evals, "seeded": seeded.to_dict(),
+                    "deterministic": deterministic.to_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -155,6 +170,23 @@ def _spawn(world: int, out_dir: str, n_tasks: int, timeout: float = 60.0) -> Non
                 if p.is_alive():
                     p.terminate()
             pytest.fail(f"distributed workers did not finish within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """Spawn the 2 gloo workers once per task count; returns the directory of their outputs."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    cache: dict[int, str] = {}
+
+    def run(n_tasks: int):
+        if n_tasks not in cache:
+            out = tmp_path_factory.mktemp(f"dist{n_tasks}")
+            _spawn(2, str(out), n_tasks)
+            cache[n_tasks] = out
+        return cache[n_tasks]
+
+    return run
 
 
 # ---------------------------------------------------------------- single-process properties
@@ -231,11 +263,9 @@ def test_gather_results_single_process_checks_length():
 
 
 @pytest.mark.parametrize("n_tasks", [3, 1])
-def test_two_process_meta_gradient_and_eval_equal_single_process(tmp_path, n_tasks):
+def test_two_process_meta_gradient_and_eval_equal_single_process(two_process_run, n_tasks):
     """3 tasks: uneven shards (2 + 1). 1 task: rank 1 has none and contributes zeros."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    _spawn(2, str(tmp_path), n_tasks)
+    tmp_path = two_process_run(n_tasks)
     grads_ref, evals_ref = single_process_reference(n_tasks)
     assert grads_ref["features.0.weight"].abs().sum() > 0
     for rank in range(2):
@@ -243,3 +273,40 @@ def test_two_process_meta_gradient_and_eval_equal_single_process(tmp_path, n_tas
         for n, g in grads_ref.items():
             torch.testing.assert_close(out["grads"][n], g, rtol=1e-12, atol=1e-14, msg=f"rank {rank} {n}")
         assert out["evals"] == evals_ref  # per-task values, in the original task order
+
+
+def _values(d):
+    return {k: m["values"] for k, m in d["metrics"].items()}
+
+
+@pytest.mark.parametrize("n_tasks", [3])
+def test_two_process_evaluate_distributed_equals_single_process(two_process_run, n_tasks):
+    """evaluate_distributed on 2 ranks: same per-task values as 1 process, in task order."""
+    import torchattacks
+
+    from robust_meta.evaluate import evaluate
+
+    tmp_path = two_process_run(n_tasks)
+    model = make_model()
+    tasks = make_tasks(n_tasks)
+    seeded_ref = evaluate_distributed(model, tasks, seed=5, **EVAL_KW).to_dict()
+    det_ref = evaluate(model, tasks, attacks={"fgsm0": torchattacks.FGSM}, **EVAL_KW).to_dict()
+    assert seeded_ref["settings"]["world_size"] == 1
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        assert out["seeded"]["settings"]["world_size"] == 2
+        assert out["seeded"]["settings"]["n_tasks"] == n_tasks
+        assert _values(out["seeded"]) == _values(seeded_ref)
+        assert _values(out["deterministic"]) == _values(det_ref)
+        for k, m in out["deterministic"]["metrics"].items():
+            assert m["mean"] == pytest.approx(det_ref["metrics"][k]["mean"], abs=1e-15)
+
+
+def test_evaluate_distributed_seeding_is_per_task():
+    """Per-task seeds: tasks[1:] with seed+1 gives the values of tasks 1 and 2."""
+    model = make_model()
+    tasks = make_tasks(3)
+    full = _values(evaluate_distributed(model, tasks, seed=5, **EVAL_KW).to_dict())
+    assert all(len(v) == 3 for v in full.values())
+    tail = _values(evaluate_distributed(model, tasks[1:], seed=6, **EVAL_KW).to_dict())
+    assert {k: v[1:] for k, v in full.items()} == tail
