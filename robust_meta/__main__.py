@@ -1,0 +1,8 @@
+"""``python -m robust_meta ...`` runs the ``robust-meta`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

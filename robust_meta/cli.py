@@ -1,0 +1,552 @@
+"""The ``robust-meta`` command: ``demo``, ``train``, ``eval``, ``plot``, ``presets``.
+
+Run ``robust-meta --help`` (or ``python -m robust_meta --help``). Every subcommand exits with
+code 0 on success, 2 with a one-line message (no traceback) for a user error — a missing
+data folder, a bad or mismatched checkpoint, an unknown method or attack, a bad option — and
+130 when interrupted (``train`` first saves ``last.pt``; continue with ``--resume``). Set
+``ROBUST_META_DEBUG=1`` to get the full traceback instead.
+
+Example:
+    .. code-block:: bash
+
+        robust-meta demo --out runs/demo
+        robust-meta train --method rmaml-out --attack fgsm --eps 8/255 --dataset cifar-fs \\
+            --data-folder ~/data --out runs/cifar --config cfg.toml
+        robust-meta eval runs/cifar/best.pt --tasks 2400 --eps 0,2/255,4/255,8/255 --out eval.json
+        robust-meta plot runs/demo/results.json eval.json --out ra_vs_eps.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import types
+import typing
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from .presets import DATASET_PRESETS, METHOD_PRESETS
+
+__all__ = ["DEMO_METHODS", "demo_config", "main", "parse_number", "run_demo"]
+
+PROG = "robust-meta"
+#: Methods the demo can run, in display order.
+DEMO_METHODS = ("maml", "rmaml-out", "aq", "rmaml-out-trades")
+DEFAULT_DEMO_METHODS = ("maml", "rmaml-out")
+
+
+class UsageError(Exception):
+    """A user error: reported as one line, exit code 2."""
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+
+def parse_number(text: str | float | int) -> float:
+    """A float from ``"0.1"``, ``"8/255"``, ``"inf"`` or a number.
+
+    Raises:
+        ValueError: not a number or fraction.
+
+    Example:
+        >>> parse_number("8/255") == 8 / 255
+        True
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"expected a number, got {text!r}")
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = str(text).strip()
+    if s.lower() in ("inf", "+inf", "infinity"):
+        return math.inf
+    try:
+        if "/" in s:
+            num, den = s.split("/", 1)
+            return float(Fraction(num.strip())) / float(Fraction(den.strip()))
+        return float(s)
+    except (ValueError, ZeroDivisionError) as err:
+        raise ValueError(f"expected a number or a fraction like 8/255, got {text!r}") from err
+
+
+def _number_arg(text: str) -> float:
+    try:
+        return parse_number(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _eps_list_arg(text: str) -> list[float]:
+    return [_number_arg(t) for t in text.split(",") if t.strip()]
+
+
+def _field_kind(tp: Any) -> type:
+    """int, float, bool or str for a TrainConfig annotation (``X | None`` unwrapped)."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"__builtins__": {}}, {"int": int, "float": float, "bool": bool, "str": str, "None": None})  # noqa: S307
+    args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else ()
+    if args:
+        tp = next(a for a in args if a is not type(None))
+    return tp
+
+
+def _coerce_config(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Coerce values from a config file to the option types (``"8/255"`` for floats, ...)."""
+    from .train import TrainConfig
+
+    kinds = {f.name: _field_kind(f.type) for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in data.items():
+        k = str(key).replace("-", "_")
+        if k not in kinds:
+            raise UsageError(f"{source}: unknown option {key!r}; valid options are {', '.join(kinds)}")
+        kind = kinds[k]
+        if value is None:
+            out[k] = None
+        elif kind is float:
+            try:
+                out[k] = parse_number(value)
+            except ValueError as err:
+                raise UsageError(f"{source}: option {key!r}: {err}") from None
+        elif kind is int:
+            if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
+                raise UsageError(f"{source}: option {key!r} must be an integer, got {value!r}")
+            out[k] = int(value)
+        elif kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                value = value.lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise UsageError(f"{source}: option {key!r} must be true or false, got {value!r}")
+            out[k] = value
+        else:
+            out[k] = str(value)
+    return out
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Options from a JSON or TOML file (a flat table; a ``[train]`` table is also accepted).
+
+    Raises:
+        UsageError: missing or unreadable file, unknown option, bad value.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {str(p)!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                try:
+                    import tomli as tomllib
+                except ImportError as err:
+                    raise UsageError("reading a TOML config on Python 3.10 needs tomli: pip install tomli") from err
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except UsageError:
+        raise
+    except Exception as err:  # JSONDecodeError, TOMLDecodeError
+        raise UsageError(f"cannot parse config file {str(p)!r}: {err}") from None
+    if isinstance(data, dict) and "train" in data and isinstance(data["train"], dict):
+        data = data["train"]
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {str(p)!r} must hold a table of options")
+    return _coerce_config(data, str(p))
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    helps = {
+        "method": f"method preset: {', '.join(METHOD_PRESETS)}",
+        "dataset": f"dataset: {', '.join(DATASET_PRESETS)} or tensor:PATH",
+        "eps": "attack radius in [0, 1] pixel units; fractions allowed (8/255)",
+        "attack": "training attack: pgd or fgsm (R-MAML_out-FGSM)",
+        "first_order": "first-order MAML (inner gradients as constants)",
+        "select": "model selection on meta-validation tasks: sa+ra, sa, ra or last",
+        "device": "auto, cpu, cuda, cuda:1, ...",
+    }
+    g = p.add_argument_group("training options (override the config file and the presets)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_kind(f.type)
+        names = [flag, "--preset"] if f.name == "method" else [flag]
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helps.get(f.name)}
+        if kind is bool:
+            g.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif kind is float:
+            g.add_argument(*names, type=_number_arg, metavar="X", **kw)
+        elif kind is int:
+            g.add_argument(*names, type=int, metavar="N", **kw)
+        else:
+            if f.name == "method":
+                kw["metavar"] = "METHOD"
+            g.add_argument(*names, type=str, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``robust-meta`` argument parser."""
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Adversarially robust few-shot meta-learning (R-MAML, Wang et al. ICLR 2021).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    d = sub.add_parser("demo", help="train MAML vs R-MAML_out on the embedded digits; table + plot",
+                       description="Train MAML and R-MAML_out (FGSM) - optionally AQ and TRADES - on "
+                       "scikit-learn's 8x8 digits, evaluate on unseen classes, print SA/RA with 95%% "
+                       "CIs, write results.json and an RA-versus-eps plot.")
+    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    d.add_argument("--quick", action="store_true", help="a reduced setting that runs in seconds (tests)")
+    d.add_argument("--methods", default=",".join(DEFAULT_DEMO_METHODS),
+                   help=f"comma-separated, from {', '.join(DEMO_METHODS)} (default maml,rmaml-out)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--test-tasks", type=int, default=None, help="test tasks per method (default 600; 40 with --quick)")
+    d.add_argument("--meta-steps", type=int, default=None, help="meta-updates per method")
+    d.add_argument("--no-progress", dest="progress", action="store_false")
+
+    t = sub.add_parser("train", help="meta-train one method; checkpoints and logs in --out",
+                       description="Meta-train one method. Options come from the presets, then the "
+                       "--config file, then the command line (the command line wins).")
+    t.add_argument("--config", help="JSON or TOML file of training options")
+    t.add_argument("--out", required=True, help="output folder (last.pt, best.pt, log.jsonl, log.csv)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--overwrite", action="store_true", help="start afresh even if OUT holds a run")
+    t.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_train_options(t)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on unseen test tasks (SA/RA with 95% CIs)")
+    e.add_argument("checkpoint", help="a .pt written by train (best.pt or last.pt)")
+    e.add_argument("--tasks", type=int, default=600, help="number of test tasks (default 600; paper 2400)")
+    e.add_argument("--split", choices=("test", "val"), default="test")
+    e.add_argument("--attack", default="pgd", help="attack(s), comma-separated: pgd, fgsm, apgd, autoattack, none")
+    e.add_argument("--eps", type=_eps_list_arg, default=None,
+                   help="radius or comma-separated sweep, fractions allowed (default: the training eps)")
+    e.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the config's test_inner_steps)")
+    e.add_argument("--step-size", type=_number_arg, default=None, help="fine-tuning step (default: inner_lr)")
+    e.add_argument("--attack-steps", type=int, default=10, help="PGD iterations (default 10)")
+    e.add_argument("--finetune", choices=("standard", "adversarial"), default="standard")
+    e.add_argument("--data-folder", default=None, help="override the dataset folder stored in the checkpoint")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default=None, help="write the result as JSON (and CSV next to it)")
+    e.add_argument("--no-progress", dest="progress", action="store_false")
+
+    pl = sub.add_parser("plot", help="plot RA versus eps from results/eval JSON files")
+    pl.add_argument("results", nargs="+", help="results.json (demo) or eval JSON files")
+    pl.add_argument("--out", required=True, help="output .png/.svg (both are written)")
+    pl.add_argument("--title", default=None)
+
+    sub.add_parser("presets", help="list the method and dataset presets")
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    options: dict[str, Any] = {}
+    if args.config:
+        options.update(load_config_file(args.config))
+    names = TrainConfig.field_names()
+    options.update({k: v for k, v in vars(args).items() if k in names})
+    config = TrainConfig.from_dict(options).resolved()
+    out = Path(args.out)
+    try:
+        best = train(config, out_dir=out, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
+    except KeyboardInterrupt:
+        print(f"{PROG} train: interrupted; continue with --resume --out {out}", file=sys.stderr)
+        return 130
+    print(f"best checkpoint: {best}")
+    return 0
+
+
+def _eval_checkpoint(
+    path: str, *, tasks: int, split: str = "test", attacks: Sequence[str] = ("pgd",),
+    eps: Sequence[float] | None = None, steps: int | None = None, step_size: float | None = None,
+    attack_steps: int = 10, finetune: str = "standard", data_folder: str | None = None,
+    device: str = "auto", seed: int = 0, progress: bool = True,
+):
+    from .anil import ANILHead
+    from .evaluate import evaluate
+    from .presets import method_preset
+    from .train import _device, build_task_sources, model_from_checkpoint, step_seed
+
+    if tasks < 1:
+        raise UsageError(f"--tasks must be >= 1, got {tasks}")
+    model, config, _ = model_from_checkpoint(path, device=_device(device))
+    if data_folder is not None:
+        config = config.replace(data_folder=data_folder)
+    sources = build_task_sources(config)
+    task_list = sources[split].sample(tasks, step_seed(seed, f"eval:{split}"))
+    eps_list = list(eps) if eps else [0.0, config.eps]
+    if 0.0 not in eps_list:
+        eps_list = [0.0, *eps_list]
+    anil = ANILHead(model) if method_preset(config.method).anil else None
+    result = evaluate(
+        model, task_list, eps=eps_list, steps=config.test_inner_steps if steps is None else steps,
+        step_size=config.inner_lr if step_size is None else step_size, finetune=finetune,
+        anil=anil, attacks=tuple(attacks), attack_steps=attack_steps, seed=seed, progress=progress,
+    )
+    result.settings.update({"checkpoint": str(path), "split": split, "method": config.method,
+                            "dataset": config.dataset, "train_eps": config.eps})
+    return result, config
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .attacks import ATTACKS
+
+    attacks = [a.strip().lower() for a in args.attack.split(",") if a.strip()]
+    bad = [a for a in attacks if a not in ATTACKS]
+    if bad or not attacks:
+        raise UsageError(f"unknown attack {(bad or [args.attack])[0]!r}; choose from {', '.join(ATTACKS)}")
+    result, config = _eval_checkpoint(
+        args.checkpoint, tasks=args.tasks, split=args.split, attacks=attacks, eps=args.eps,
+        steps=args.steps, step_size=args.step_size, attack_steps=args.attack_steps,
+        finetune=args.finetune, data_folder=args.data_folder, device=args.device, seed=args.seed,
+        progress=args.progress,
+    )
+    print(f"{config.method} on {config.dataset} ({args.split} split, {result.n_tasks} tasks)")
+    print(result.table())
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result.to_json(out)
+        result.to_csv(out.with_suffix(".csv"))
+        print(f"wrote {out} and {out.with_suffix('.csv')}")
+    return 0
+
+
+def _curves_from_file(path: Path) -> dict[str, Any]:
+    """``name -> EvalResult or (eps, means, cis)`` from a demo results.json or an eval JSON."""
+    from .evaluate import EvalResult
+
+    if not path.is_file():
+        raise UsageError(f"results file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{str(path)!r} is not valid JSON: {err}") from None
+    if isinstance(data, dict) and data and all(
+        isinstance(v, dict) and {"eps", "mean", "ci95"} <= set(v) for v in data.values()
+    ):  # curves.json written by the demo
+        return {name: (c["eps"], c["mean"], c["ci95"]) for name, c in data.items()}
+    if isinstance(data, dict) and isinstance(data.get("methods"), dict):
+        sibling = path.parent / "curves.json"
+        curves = json.loads(sibling.read_text(encoding="utf-8")) if sibling.is_file() else {}
+        out = {}
+        for name, m in data["methods"].items():
+            curve = curves.get(name)
+            if curve:
+                out[name] = (curve["eps"], curve["mean"], curve["ci95"])
+            else:
+                out[name] = ([0.0, data.get("settings", {}).get("eps", 0.0)],
+                             [m["sa"]["mean"], m["ra"]["mean"]], [m["sa"]["ci95"], m["ra"]["ci95"]])
+        return out
+    if isinstance(data, dict) and "metrics" in data:
+        res = EvalResult.from_dict(data)
+        name = str(res.settings.get("method") or path.stem)
+        return {name: res}
+    raise UsageError(f"{str(path)!r} is neither a demo results.json nor an eval JSON")
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .visualize import plot_ra_vs_eps
+
+    curves: dict[str, Any] = {}
+    for f in args.results:
+        for name, c in _curves_from_file(Path(f)).items():
+            key, i = name, 2
+            while key in curves:
+                key, i = f"{name} ({i})", i + 1
+            curves[key] = c
+    paths = plot_ra_vs_eps(curves, args.out, title=args.title)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    print("methods:")
+    for m in METHOD_PRESETS.values():
+        print(f"  {m.name:<18} {m.paper_name:<20} {m.description}")
+    print("datasets:")
+    for d in DATASET_PRESETS.values():
+        print(f"  {d.name:<18} eps={d.eps * 255:g}/255  {d.in_channels}x{d.image_size}x{d.image_size}  {d.description}")
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def demo_config(method: str, *, quick: bool = False, seed: int = 0, meta_steps: int | None = None):
+    """The training config the demo uses for ``method`` (digits, 3-way 1-shot).
+
+    The robust methods train with FGSM (one step of 1.25ε from a uniform random start); the
+    evaluation uses PGD-10 at the same ε.
+    """
+    from .train import TrainConfig
+
+    if method not in DEMO_METHODS:
+        raise UsageError(f"unknown demo method {method!r}; choose from {', '.join(DEMO_METHODS)}")
+    cfg = TrainConfig(
+        method=method, dataset="digits", ways=3, shots=1, queries=15, meta_batch=4,
+        meta_steps=600, inner_steps=5, test_inner_steps=10, inner_lr=0.1, meta_lr=2e-3,
+        first_order=False, eps=0.15, attack="fgsm", eval_every=100, val_tasks=60, seed=seed,
+        model="conv4", hidden=32, device="cpu",
+    )
+    if quick:
+        cfg = cfg.replace(meta_steps=6, eval_every=3, val_tasks=4, inner_steps=2, test_inner_steps=2, hidden=8)
+    if meta_steps is not None:
+        cfg = cfg.replace(meta_steps=meta_steps, eval_every=min(cfg.eval_every, max(1, meta_steps)))
+    return cfg.resolved()
+
+
+def run_demo(
+    out: str | os.PathLike,
+    *,
+    methods: Sequence[str] = DEFAULT_DEMO_METHODS,
+    quick: bool = False,
+    seed: int = 0,
+    test_tasks: int | None = None,
+    meta_steps: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train and evaluate the demo methods; write ``results.json`` and ``ra_vs_eps.png/.svg``.
+
+    Returns:
+        The ``results.json`` content: ``{"methods": {name: {"sa": {"mean", "ci95"},
+        "ra": {"mean", "ci95"}, ...}}, "settings": {...}}``.
+    """
+    from .evaluate import metric_name
+    from .train import train
+    from .visualize import plot_ra_vs_eps
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_test = test_tasks if test_tasks is not None else (40 if quick else 600)
+    if n_test < 2:
+        raise UsageError(f"--test-tasks must be >= 2 (a confidence interval needs two tasks), got {n_test}")
+    t_start = time.perf_counter()
+    results: dict[str, Any] = {}
+    evals: dict[str, Any] = {}
+    cfg = None
+    per_method: dict[str, Any] = {}
+    for name in methods:
+        cfg = demo_config(name, quick=quick, seed=seed, meta_steps=meta_steps)
+        t0 = time.perf_counter()
+        best = train(cfg, out_dir=out / name, overwrite=True, progress=progress)
+        t_train = time.perf_counter() - t0
+        eps_sweep = [0.0, cfg.eps] if quick else sorted({0.0, 0.05, 0.1, cfg.eps, 0.2})
+        t0 = time.perf_counter()
+        res, _ = _eval_checkpoint(str(best), tasks=n_test, eps=eps_sweep, seed=seed, progress=progress,
+                                  device="cpu")
+        t_eval = time.perf_counter() - t0
+        res.to_json(out / name / "eval.json")
+        evals[name] = res
+        sa, ra = res.metrics["sa"], res.metrics[metric_name("pgd", cfg.eps)]
+        eps_c, mean_c, ci_c = res.curve("pgd")
+        results[name] = {
+            "sa": {"mean": sa.mean, "ci95": sa.ci95},
+            "ra": {"mean": ra.mean, "ci95": ra.ci95},
+            "curve": {"eps": eps_c, "mean": mean_c, "ci95": ci_c},
+        }
+        per_method[name] = {"train_s": round(t_train, 2), "eval_s": round(t_eval, 2),
+                            "checkpoint": str(best), "attack": cfg.attack if name != "maml" else "none",
+                            "gamma_out": cfg.gamma_out}
+    assert cfg is not None
+    settings = {
+        "dataset": "digits (scikit-learn UCI 8x8, 10 classes; train/val/test classes disjoint)",
+        "ways": cfg.ways, "shots": cfg.shots, "queries": cfg.queries,
+        "meta_steps": cfg.meta_steps, "meta_batch": cfg.meta_batch, "inner_steps": cfg.inner_steps,
+        "test_inner_steps": cfg.test_inner_steps, "inner_lr": cfg.inner_lr, "meta_lr": cfg.meta_lr,
+        "train_attack": cfg.attack, "eps": cfg.eps, "eval_attack": f"pgd-{cfg.eval_attack_steps}",
+        "test_tasks": n_test, "split": "test (unseen classes)", "selection": f"{cfg.select} on validation classes",
+        "seed": seed, "quick": quick, "per_method": per_method,
+        "wall_s": round(time.perf_counter() - t_start, 2),
+    }
+    doc = {"methods": {k: {"sa": v["sa"], "ra": v["ra"]} for k, v in results.items()}, "settings": settings}
+    # results.json keeps exactly {"methods": {name: {"sa", "ra"}}, "settings"}; the curves go
+    # to curves.json for `robust-meta plot`.
+    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    (out / "curves.json").write_text(json.dumps({k: v["curve"] for k, v in results.items()}, indent=2) + "\n",
+                                     encoding="utf-8")
+    plot_ra_vs_eps(evals, out / "ra_vs_eps", attack="pgd",
+                   title=f"digits {cfg.ways}-way {cfg.shots}-shot, PGD-{cfg.eval_attack_steps}")
+    return doc
+
+
+def _demo_table(doc: dict[str, Any]) -> str:
+    lines = [f"{'method':<18} {'SA %':>14} {'RA %':>14}", "-" * 48]
+    for name, m in doc["methods"].items():
+        sa, ra = m["sa"], m["ra"]
+        lines.append(f"{name:<18} {100 * sa['mean']:6.2f} ± {100 * sa['ci95']:4.2f} "
+                     f"{100 * ra['mean']:6.2f} ± {100 * ra['ci95']:4.2f}")
+    s = doc["settings"]
+    lines.append(f"(test: {s['test_tasks']} tasks of unseen classes, {s['ways']}-way {s['shots']}-shot; "
+                 f"RA: {s['eval_attack']} at eps={s['eps']:g}; 95% CI; {s['wall_s']:.0f} s)")
+    return "\n".join(lines)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in DEMO_METHODS]
+    if bad or not methods:
+        raise UsageError(f"unknown demo method {(bad or [args.methods])[0]!r}; choose from {', '.join(DEMO_METHODS)}")
+    doc = run_demo(args.out, methods=methods, quick=args.quick, seed=args.seed,
+                   test_tasks=args.test_tasks, meta_steps=args.meta_steps, progress=args.progress)
+    print(_demo_table(doc))
+    print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'ra_vs_eps.png'} (.svg)")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+_COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot,
+             "presets": _cmd_presets}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``robust-meta``; returns the exit code (0 ok, 2 user error, 130 interrupted).
+
+    Args:
+        argv: arguments without the program name (default ``sys.argv[1:]``).
+    """
+    from .train import CheckpointError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exit_:  # --help, --version, argparse usage errors (code 2)
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    debug = os.environ.get("ROBUST_META_DEBUG", "") not in ("", "0")
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError, ImportError) as err:
+        if debug:
+            raise
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
