@@ -57,15 +57,15 @@ class TinyConv(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def make_tasks(n_tasks=2, n_unlabeled=5):
+def make_tasks(n_tasks=2, n_unlabeled=5, size=SIZE):
     tasks = []
     for _ in range(n_tasks):
         tasks.append(Task(
-            support_x=torch.rand(WAYS * SHOTS, 3, SIZE, SIZE),
+            support_x=torch.rand(WAYS * SHOTS, 3, size, size),
             support_y=torch.arange(WAYS).repeat(SHOTS),
-            query_x=torch.rand(WAYS * QUERIES, 3, SIZE, SIZE),
+            query_x=torch.rand(WAYS * QUERIES, 3, size, size),
             query_y=torch.arange(WAYS).repeat(QUERIES),
-            unlabeled=torch.rand(n_unlabeled, 3, SIZE, SIZE),
+            unlabeled=torch.rand(n_unlabeled, 3, size, size),
         ))
     return tasks
 
@@ -160,3 +160,15 @@ def test_r_maml_out_cl_optimizer_moves_model_and_projection_head():
         opt.step()
     after = [*model.parameters(), *aux.parameters()]
     assert all(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("variant", ["R-MAML_out-CL", "R-MAML_out-ANIL", "R-MAML_out-TRADES"])
+def test_variants_on_conv4(variant):
+    """The library's Conv4 (image_size=16, hidden=8) through the same meta-step."""
+    from robust_meta.models import Conv4
+
+    model = Conv4(in_channels=3, n_classes=WAYS, hidden=8, image_size=16)
+    loss, outer, extras = meta_step(variant, model, make_tasks(size=16), "fgsm", first_order=False)
+    assert math.isfinite(loss.item())
+    for n, p in [*model.named_parameters(), *((f"aux.{i}", e) for i, e in enumerate(extras))]:
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
