@@ -250,6 +250,13 @@ class ContrastiveAux(nn.Module):
             return feats
         if any(isinstance(p, nn.parameter.UninitializedParameter) for p in self.projection_head.parameters()):
             self.projection_head.to(device=feats.device, dtype=feats.dtype)
+        w = self.projection_head[0].weight
+        if w.device != feats.device or w.dtype != feats.dtype:
+            raise ValueError(
+                f"the projection head is on {w.device}/{w.dtype} but the features are on "
+                f"{feats.device}/{feats.dtype}: move it with aux.to(device, dtype) (and create the "
+                "optimizer afterwards, or pass in_dim=None to build it on first use)"
+            )
         return self.projection_head(feats)
 
     def embed(self, model: nn.Module, params: Mapping[str, Tensor] | None, x: Tensor) -> Tensor:

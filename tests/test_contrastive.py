@@ -255,6 +255,16 @@ def test_aux_validation():
         ContrastiveAux()(model, None, x, x[:1])
 
 
+def test_eager_projection_head_on_other_dtype_is_a_clear_error():
+    model = Net().double()
+    aux = ContrastiveAux(model, projection=3, augment=invert)  # float32 head, in_dim from model
+    x = torch.rand(2, 2, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"aux.to\(device, dtype\)"):
+        aux(model, None, x, x)
+    aux.double()
+    assert torch.isfinite(aux(model, None, x, x))
+
+
 def test_zero_weight_returns_zero_without_running_the_model():
     class Boom(Net):
         def forward_features(self, x):
