@@ -5,13 +5,14 @@ parameters (one crop, flip, hole or angle per image), so the same image repeated
 gets different views. All work is tensor ops on ``x.device`` (``affine_grid`` /
 ``grid_sample``), with no PIL loop. Outputs keep the shape and dtype and stay in [0, 1].
 
-Randomness comes from ``generator`` (a :class:`torch.Generator`, on any device; the numbers
+Randomness comes from ``generator`` (a ``torch.Generator``, on any device; the numbers
 are drawn on the generator's device and moved to the inputs') or, when ``None``, from the
 global RNG of the inputs' device. With a seeded generator the result is deterministic.
 
-Example:
-    >>> g = torch.Generator().manual_seed(0)
-    >>> views = Augment()(images, generator=g)
+```python
+g = torch.Generator().manual_seed(0)
+views = Augment()(images, generator=g)
+```
 """
 
 from __future__ import annotations
@@ -220,10 +221,10 @@ class Augment:
     no rotation.
 
     Args:
-        p_crop: probability of :func:`random_resized_crop`.
-        p_flip: probability of :func:`horizontal_flip`.
-        p_rotate: probability of :func:`rotate`.
-        p_cutout: probability of :func:`cutout`.
+        p_crop: probability of [`random_resized_crop`][robust_meta.augment.random_resized_crop].
+        p_flip: probability of [`horizontal_flip`][robust_meta.augment.horizontal_flip].
+        p_rotate: probability of [`rotate`][robust_meta.augment.rotate].
+        p_cutout: probability of [`cutout`][robust_meta.augment.cutout].
         scale, ratio: crop parameters.
         degrees: rotation range.
         cutout_size, cutout_fill: cut-out parameters.

@@ -1,13 +1,16 @@
-r"""Contrastive auxiliary loss of R-MAML_out-CL (paper Sec. 5, eq. 4).
+"""Contrastive auxiliary loss of R-MAML_out-CL (paper Sec. 5, eq. 4).
 
-:func:`nt_xent` is the SimCLR NT-Xent loss generalised to ``V >= 2`` views of each sample;
-:class:`ContrastiveAux` computes it on the representation of the **adapted** model for the
-views ``[x, t(x), x_adv]`` of the query images and is passed to
-:class:`robust_meta.RobustMetaUpdate` as ``aux=``::
+[`nt_xent`][robust_meta.contrastive.nt_xent] is the SimCLR NT-Xent loss generalised to
+``V >= 2`` views of each sample;
+[`ContrastiveAux`][robust_meta.contrastive.ContrastiveAux] computes it on the representation
+of the **adapted** model for the views ``[x, t(x), x_adv]`` of the query images and is passed
+to ``RobustMetaUpdate`` as ``aux=``:
 
-    aux = ContrastiveAux(model, weight=0.1, temperature=0.5)          # γ_CL = 0.1
-    robust_loss = RobustMetaUpdate(F.cross_entropy, model, attack="pgd", eps=2/255,
-                                   gamma_out=0.2, aux=aux)            # R-MAML_out-CL
+```python
+aux = ContrastiveAux(model, weight=0.1, temperature=0.5)          # γ_CL = 0.1
+robust_loss = RobustMetaUpdate(F.cross_entropy, model, attack="pgd", eps=2/255,
+                               gamma_out=0.2, aux=aux)            # R-MAML_out-CL
+```
 """
 
 from __future__ import annotations
@@ -38,14 +41,15 @@ def _check_temperature(temperature: float) -> float:
 def nt_xent(z: Tensor | Sequence[Tensor], *, temperature: float = 0.5) -> Tensor:
     r"""NT-Xent (normalised temperature-scaled cross-entropy) over ``V >= 2`` views.
 
-    The ``N = V·B`` embeddings are L2-normalised; with :math:`s_{ij} = z_i^\top z_j / \tau`
+    The ``N = V·B`` embeddings are L2-normalised; with \(s_{ij} = z_i^\top z_j / \tau\)
     (cosine similarity over the temperature), every embedding ``i`` is an anchor whose
-    positives :math:`P(i)` are the ``V - 1`` other views of the same sample and whose
+    positives \(P(i)\) are the ``V - 1`` other views of the same sample and whose
     denominator runs over all ``N - 1`` other embeddings:
 
-    .. math::
-        \mathcal{L} = \frac{1}{N} \sum_i \frac{-1}{V-1} \sum_{p \in P(i)}
-        \log \frac{\exp s_{ip}}{\sum_{k \ne i} \exp s_{ik}}
+    \[
+    \mathcal{L} = \frac{1}{N} \sum_i \frac{-1}{V-1} \sum_{p \in P(i)}
+    \log \frac{\exp s_{ip}}{\sum_{k \ne i} \exp s_{ik}}
+    \]
 
     For ``V = 2`` this is exactly SimCLR's loss (Chen et al. 2020, eq. 1, averaged over the
     ``2B`` anchors); for ``V > 2`` it is the multi-positive form of Khosla et al. (2020).
@@ -113,15 +117,15 @@ def _infer_in_dim(model: nn.Module | None, features: FeatureSpec, head: str | No
 
 
 class ContrastiveAux(nn.Module):
-    r"""Weighted contrastive term :math:`\gamma_{CL}\,\ell_{CL}(w'_c; p^+ \cup p^{adv})` (eq. 4).
+    r"""Weighted contrastive term \(\gamma_{CL}\,\ell_{CL}(w'_c; p^+ \cup p^{adv})\) (eq. 4).
 
-    Called by :class:`robust_meta.RobustMetaUpdate` (the ``AuxLoss`` protocol) as
+    Called by [`RobustMetaUpdate`][robust_meta.meta.RobustMetaUpdate] (the ``AuxLoss`` protocol) as
     ``aux(model, params, inputs, adv_inputs)`` with the query images, their adversarial
     examples and the **adapted** weights. The views of each query image are
     ``x``, an augmentation ``t(x)`` and, with ``adversarial_view=True``, ``x_adv`` as one
     more positive; their representations are taken at the adapted weights
-    (:func:`robust_meta.params.call_features`), optionally passed through a projection
-    head, and scored with :func:`nt_xent`.
+    ([`call_features`][robust_meta.params.call_features]), optionally passed through a
+    projection head, and scored with [`nt_xent`][robust_meta.contrastive.nt_xent].
 
     **Batch statistics.** Each view is run as its own batch (clean, augmented, adversarial),
     so the clean view sees the same batch-norm statistics as the task loss and the
@@ -142,7 +146,7 @@ class ContrastiveAux(nn.Module):
             not stored: the model's parameters are not parameters of this module).
         weight: γ_CL >= 0 (paper: 0.1); 0 returns a zero without running the model.
         temperature: τ > 0 of NT-Xent.
-        augment: ``t``; an :class:`robust_meta.augment.Augment` (default ``Augment()``) is
+        augment: ``t``; an [`Augment`][robust_meta.augment.Augment] (default ``Augment()``) is
             called with ``generator=``; any other callable as ``augment(x)``.
         projection: output width of the projection head; ``None``: no head (the
             representation itself is contrasted).
