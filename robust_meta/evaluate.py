@@ -23,6 +23,7 @@ Sanity checks modelled on AutoAttack's ``autoattack/checks.py`` append to
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -83,8 +84,7 @@ def confidence_interval(values: Iterable[float]) -> tuple[float, float]:
         ValueError: no values, or a value that is not finite.
 
     Example:
-        >>> confidence_interval([0.2, 0.4, 0.6])
-        (0.4, 0.22...)
+        >>> mean, ci = confidence_interval([0.2, 0.4, 0.6])  # 0.4 and 1.96·0.2/√3 ≈ 0.2263
     """
     m = Metric.from_values(values)
     return m.mean, m.ci95
@@ -590,6 +590,8 @@ def evaluate(
         attacks: attack(s) to evaluate: names from :data:`robust_meta.ATTACKS`,
             torchattacks classes or instances, a sequence of them, or a dict
             ``label -> attack``. ``"pgd"`` is PGD-``attack_steps`` with random start.
+            A class is built as ``cls(model, eps=ε)``; an instance keeps its own settings
+            except ``eps``, which is set to each ε of the sweep.
         attack_steps: iterations of ``"pgd"`` and ``"apgd"`` (default 10: PGD-10).
         attack_step_size: PGD step (default ``2.5·ε/attack_steps``).
         loss_fn: fine-tuning loss ``loss_fn(logits, targets)``; default cross-entropy.
@@ -671,7 +673,10 @@ def evaluate(
         except ImportError:  # pragma: no cover - tqdm ships with torchattacks
             tqdm = None
         if tqdm is not None:
-            bar = tqdm(total=max_tasks, desc="evaluate", unit="task", leave=False)
+            total = len(tasks) if isinstance(tasks, Sequence) else max_tasks
+            if total is not None and max_tasks is not None:
+                total = min(total, max_tasks)
+            bar = tqdm(total=total, desc="evaluate", unit="task", leave=False)
 
     rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None)
     t0 = time.perf_counter()
@@ -700,6 +705,9 @@ def evaluate(
                 for label, spec in table:
                     a_steps, a_lr = _attack_steps(spec, attack_steps, attack_step_size)
                     for e in eps_list:
+                        if not isinstance(spec, (str, type)) and hasattr(spec, "eps"):
+                            spec = copy.copy(spec)  # an attack instance: sweep its ε
+                            spec.eps = e
                         adv = perturb(spec, model, task.query_x, task.query_y, params=fast, eps=e,
                                       steps=a_steps, step_size=a_lr, n_classes=ways, training=mode)
                         with torch.no_grad():

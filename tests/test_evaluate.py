@@ -146,38 +146,47 @@ def _linear_tasks(n_tasks, eps, d=16, n_query=24, seed=1):
 
 
 def test_linear_two_class_ra_matches_closed_form():
-    eps = 8 / 255
+    sweep = [4 / 255, 8 / 255]
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
     with torch.no_grad():
         model[1].weight.normal_(0.0, 0.6)
         model[1].bias.normal_(0.0, 0.3)
-    tasks = _linear_tasks(3, eps)
+    tasks = _linear_tasks(3, max(sweep))
     W = model[1].weight.detach().double().numpy()
     b = model[1].bias.detach().double().numpy()
-    exp_sa, exp_ra, kinds = [], [], set()
+    wd = W[0] - W[1]
+    exp_sa, exp_ra, kinds = [], {e: [] for e in sweep}, set()
     for t in tasks:
         x = t.query_x.flatten(1).double().numpy()
-        y = t.query_y.numpy()
-        sign = np.where(y == 0, 1.0, -1.0)
-        wd = W[0] - W[1]
+        sign = np.where(t.query_y.numpy() == 0, 1.0, -1.0)
         margin = sign * (x @ wd + b[0] - b[1])  # logit of the label minus the other logit
-        worst = margin - eps * np.abs(wd).sum()  # min over the eps-ball (box inactive)
-        keep = (np.abs(margin) > 1e-3) & (np.abs(worst) > 1e-3)  # drop near-ties
+        # min of the margin over the eps-ball (box inactive): margin - eps * ||w0 - w1||_1
+        worst = {e: margin - e * np.abs(wd).sum() for e in sweep}
+        keep = np.abs(margin) > 1e-3  # drop near-ties
+        for w in worst.values():
+            keep &= np.abs(w) > 1e-3
         t.query_x, t.query_y = t.query_x[torch.from_numpy(keep)], t.query_y[torch.from_numpy(keep)]
-        margin, worst = margin[keep], worst[keep]
-        assert len(margin) >= 20
-        exp_sa.append(float((margin > 0).mean()))
-        exp_ra.append(float((worst > 0).mean()))
-        kinds |= {(bool(m > 0), bool(w > 0)) for m, w in zip(margin, worst)}
+        assert keep.sum() >= 20
+        exp_sa.append(float((margin[keep] > 0).mean()))
+        for e in sweep:
+            exp_ra[e].append(float((worst[e][keep] > 0).mean()))
+        kinds |= {(bool(m > 0), bool(w > 0)) for m, w in zip(margin[keep], worst[8 / 255][keep])}
     # the data exercise all three cases: robust, flipped by the attack, wrong already
     assert kinds == {(True, True), (True, False), (False, False)}
-    res = run(model, tasks, eps=eps, steps=0, attacks="pgd", attack_steps=10, seed=0)
+    assert exp_ra[4 / 255] != exp_ra[8 / 255]
+    # PGD-10 (random start, 10 steps of 2.5 eps / 10) and FGSM without random start both
+    # reach the worst corner of a linear model; the FGSM instance's own eps (0.9) is
+    # replaced by each eps of the sweep.
+    attacks = {"pgd": "pgd", "fgsm_inst": torchattacks.FGSM(model, eps=0.9)}
+    res = run(model, tasks, eps=sweep, steps=0, attacks=attacks, attack_steps=10, seed=0)
     assert res.metrics["sa"].values == pytest.approx(exp_sa, abs=1e-12)
-    assert res.metrics["ra"].values == pytest.approx(exp_ra, abs=1e-12)
-    assert res.metrics["ra[pgd@8/255]"].values == res.metrics["ra"].values
-    assert res.metrics["ra"].mean == pytest.approx(sum(exp_ra) / 3, abs=1e-12)
-    m = res.metrics["ra"]
-    assert m.ci95 == pytest.approx(1.96 * np.std(exp_ra, ddof=1) / math.sqrt(3), abs=1e-12)
+    for e in sweep:
+        for label in attacks:
+            assert res.metrics[metric_name(label, e)].values == pytest.approx(exp_ra[e], abs=1e-12)
+    assert res.metrics["ra"].values == res.metrics["ra[pgd@4/255]"].values
+    assert res.metrics["ra"].mean == pytest.approx(sum(exp_ra[4 / 255]) / 3, abs=1e-12)
+    m = res.metrics["ra[pgd@8/255]"]
+    assert m.ci95 == pytest.approx(1.96 * np.std(exp_ra[8 / 255], ddof=1) / math.sqrt(3), abs=1e-12)
     assert res.warnings == []  # negative control for the sanity checks
 
 
