@@ -81,7 +81,11 @@ class ANILHead:
     ) -> Params:
         """Same contract as :func:`robust_meta.adapt`, adapting the head only.
 
-        ``step_size`` may be a float or a dict over head parameter names.
+        ``step_size`` may be a float or a dict over head parameter names (body names may
+        appear only with 0.0: the body is never adapted).
+
+        Raises:
+            ValueError: a nonzero step size for a body parameter, and as :func:`robust_meta.adapt`.
 
         Returns:
             All parameters: body entries are the starting weights, head entries adapted.
@@ -90,9 +94,18 @@ class ANILHead:
         check_batch(inputs, targets)
         loss_fn = F.cross_entropy if loss_fn is None else loss_fn
         start = named_params(self.model) if params is None else OrderedDict(params)
-        lrs = _step_sizes(step_size, self.head_names) if not isinstance(step_size, Mapping) else {
-            n: v for n, v in _step_sizes(step_size, list(start)).items() if n in self.head_names
-        }
+        if isinstance(step_size, Mapping):
+            all_lrs = _step_sizes(step_size, list(start))
+            body = [n for n, v in all_lrs.items() if n not in self.head_names
+                    and not (isinstance(v, float) and v == 0.0)]
+            if body:
+                raise ValueError(
+                    f"ANIL adapts the head only, but step_size gives body parameters {body[:5]} a "
+                    "step size; leave them out (or set 0.0), or use robust_meta.adapt for full MAML"
+                )
+            lrs = {n: v for n, v in all_lrs.items() if n in self.head_names}
+        else:
+            lrs = _step_sizes(step_size, self.head_names)
         if steps == 0:
             return inner_loop(start, lrs, 0, first_order, lambda fast, k: fast)  # type: ignore[arg-type]
         feats = self.features(inputs, start)

@@ -170,5 +170,7 @@ def test_anil_validation():
     xs, ys, _, _ = task()
     with pytest.raises(ValueError, match="same batch size"):
         anil.adapt(xs, ys[:-1], steps=1, step_size=0.1)
+    with pytest.raises(ValueError, match="ANIL adapts the head only"):
+        anil.adapt(xs, ys, steps=1, step_size={"body.0.weight": 0.1, "classifier.weight": 0.1})
     with pytest.raises(ValueError, match="labels must lie"):
         anil.adapt(xs, ys + 5, steps=1, step_size=0.1)
