@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import math
+import numbers
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
-__all__ = ["Task", "as_task", "iter_tasks"]
+__all__ = [
+    "TORCHMETA_DATASETS",
+    "ClassSplits",
+    "Task",
+    "TaskSampler",
+    "UnlabeledPool",
+    "as_task",
+    "check_torchmeta_folder",
+    "digits_splits",
+    "iter_tasks",
+    "load_digits",
+    "load_tensor_dataset",
+    "split_classes",
+    "torchmeta_dataset",
+    "torchmeta_loader",
+    "torchmeta_tasks",
+]
 
 
 @dataclass
@@ -78,3 +99,693 @@ def iter_tasks(source: Iterable | Mapping) -> Iterator[Task]:
             yield from iter_tasks(item)
         else:
             yield as_task(item)
+
+
+# =============================================================================================
+# Task sources: class splits, an episodic sampler, unlabeled pools, built-in and torchmeta data
+# =============================================================================================
+
+_SPLIT_NAMES = ("train", "val", "test")
+
+
+class ClassSplits(NamedTuple):
+    """Disjoint meta-train / meta-val / meta-test class lists (real class ids, sorted).
+
+    A named tuple: unpack it (``train, val, test = splits``), read ``splits.val``, or get a
+    dict with ``splits._asdict()``.
+    """
+
+    train: list[int]
+    val: list[int]
+    test: list[int]
+
+
+def _int_arg(value: object, name: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _labels_tensor(labels: object, name: str = "labels") -> Tensor:
+    if not isinstance(labels, Tensor):
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be a 1-D tensor of integer class ids, got {type(labels).__name__}") from err
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class ids, got dtype {labels.dtype}")
+    return labels.long()
+
+
+def split_classes(
+    labels: Tensor | Sequence[int],
+    *,
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    counts: Sequence[int] | None = None,
+    seed: int = 0,
+) -> ClassSplits:
+    """Split the classes present in ``labels`` into disjoint train / val / test class lists.
+
+    Meta-learning splits *classes*, not examples: test tasks are made of classes never seen
+    in meta-training. The classes are shuffled with ``seed`` and cut in that order.
+
+    Args:
+        labels: class id of every example (or simply the list of class ids).
+        fractions: shares of the classes for train / val / test (3 positive numbers summing
+            to 1); rounded by largest remainder so that the counts sum to the number of
+            classes. Ignored when ``counts`` is given.
+        counts: exact numbers of classes per split (e.g. ``(64, 16, 20)`` for MiniImageNet);
+            their sum may be less than the number of classes (the rest is unused).
+        seed: seed of the shuffle (same seed, same split).
+
+    Returns:
+        :class:`ClassSplits` ``(train, val, test)`` of sorted Python ints.
+
+    Raises:
+        ValueError: bad fractions/counts, or a split that would get no class.
+        TypeError: labels that are not integer class ids.
+
+    Example:
+        >>> split_classes(torch.arange(10), counts=(4, 3, 3), seed=0).train
+        [0, 3, 4, 8]
+    """
+    classes = torch.unique(_labels_tensor(labels)).tolist()
+    n = len(classes)
+    if counts is not None:
+        counts = [_int_arg(c, "counts[i]", minimum=1) for c in counts]
+        if len(counts) != 3:
+            raise ValueError(f"counts must give 3 numbers (train, val, test), got {counts}")
+        if sum(counts) > n:
+            raise ValueError(f"counts {counts} ask for {sum(counts)} classes but labels hold only {n}")
+    else:
+        fr = [float(f) for f in fractions]
+        if len(fr) != 3 or any(not f > 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
+            raise ValueError(f"fractions must be 3 positive numbers summing to 1, got {tuple(fractions)}")
+        raw = [f * n for f in fr]
+        counts = [int(r) for r in raw]
+        by_remainder = sorted(range(3), key=lambda i: raw[i] - counts[i], reverse=True)
+        for i in by_remainder[: n - sum(counts)]:
+            counts[i] += 1
+        if min(counts) < 1:
+            raise ValueError(
+                f"{n} classes are too few for fractions {tuple(fractions)} (split sizes {counts}); "
+                "pass counts=(n_train, n_val, n_test)"
+            )
+    g = torch.Generator().manual_seed(int(seed))
+    order = [classes[i] for i in torch.randperm(n, generator=g).tolist()]
+    a, b, c = counts
+    return ClassSplits(sorted(order[:a]), sorted(order[a : a + b]), sorted(order[a + b : a + b + c]))
+
+
+def _check_images(images: object, name: str = "images") -> Tensor:
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() < 2:
+        raise ValueError(f"{name} must be (N, C, H, W) (or (N, D)), got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be floating point in [0, 1], got dtype {images.dtype} (divide uint8 by 255)")
+    if images.numel():
+        lo, hi = torch.aminmax(images)
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name} contain NaN or infinite values")
+        if lo < 0 or hi > 1:
+            raise ValueError(
+                f"{name} must lie in [0, 1] (pixel space; normalisation belongs inside the model), "
+                f"got values in [{lo:.4g}, {hi:.4g}]"
+            )
+    return images
+
+
+def _as_class_list(classes: object, name: str = "classes") -> list[int]:
+    if isinstance(classes, Tensor):
+        return _labels_tensor(classes.flatten(), name).tolist()
+    if isinstance(classes, numbers.Integral) and not isinstance(classes, bool):
+        return [int(classes)]
+    try:
+        items = list(classes)  # type: ignore[call-overload]
+    except TypeError as err:
+        raise TypeError(f"{name} must be a sequence of class ids, got {type(classes).__name__}") from err
+    return _labels_tensor(items, name).tolist() if items else []
+
+
+class UnlabeledPool:
+    """Extra unlabeled images for TRADES / semi-supervised training, drawn per task.
+
+    With ``keys`` (the **real** class id of each image, e.g. pseudo-labels of mined
+    STL-10 images), :meth:`draw` takes images of the task's own classes — ``Task.classes``,
+    never the relative labels ``0..N-1`` (the authors' code indexed its pools by relative
+    labels, so only N of its 64 pools were ever used). Without keys, images are drawn at
+    random from the whole pool.
+
+    Args:
+        images: the pool, in [0, 1].
+        keys: real class id per image, or ``None``.
+
+    Raises:
+        ValueError, TypeError: images outside [0, 1] or not floating point, keys of the wrong
+            length or type.
+
+    Shape:
+        images: ``(M, C, H, W)``; keys: ``(M,)``.
+
+    Example:
+        >>> pool = UnlabeledPool(extra_images, keys=extra_labels)
+        >>> sampler = TaskSampler(x, y, ways=5, shots=1, queries=15, unlabeled=10, unlabeled_pool=pool)
+    """
+
+    def __init__(self, images: Tensor, keys: Tensor | Sequence[int] | None = None):
+        self.images = _check_images(images, "pool images")
+        if len(images) == 0:
+            raise ValueError("the unlabeled pool is empty")
+        self.keys = None if keys is None else _labels_tensor(keys, "keys").to(images.device)
+        if self.keys is not None and len(self.keys) != len(images):
+            raise ValueError(f"keys must have one entry per image: {len(self.keys)} keys for {len(images)} images")
+        self._by_key: dict[int, Tensor] = {}
+        if self.keys is not None:
+            for k in torch.unique(self.keys).tolist():
+                self._by_key[k] = (self.keys == k).nonzero().flatten()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __repr__(self) -> str:
+        keyed = f"{len(self._by_key)} keyed classes" if self.keys is not None else "no keys"
+        return f"UnlabeledPool({len(self)} images, {keyed})"
+
+    def draw(
+        self,
+        n: int,
+        *,
+        classes: Tensor | Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``n`` images without replacement.
+
+        Args:
+            n: how many images.
+            classes: real class ids of the task (``Task.classes``). With keys, the draw is
+                spread evenly over these classes (the first ``n % len(classes)`` classes, in
+                the given order, get one more); without keys it is ignored.
+            generator: a CPU ``torch.Generator`` for reproducible draws.
+
+        Returns:
+            The images, on the pool's device.
+
+        Raises:
+            ValueError: ``n`` larger than the images available (per class with keys), or a
+                class the pool has no image of (the message reminds that keys are real class
+                ids, not relative labels).
+
+        Shape:
+            ``(n, C, H, W)``.
+        """
+        n = _int_arg(n, "n", minimum=0)
+        if self.keys is None or classes is None:
+            # no keys, or no classes asked: uniform over the whole pool
+            if n > len(self.images):
+                raise ValueError(f"cannot draw {n} images from a pool of {len(self.images)}")
+            pick = torch.randperm(len(self.images), generator=generator)[:n]
+            return self.images[pick.to(self.images.device)]
+        wanted = _as_class_list(classes)
+        if not wanted:
+            raise ValueError("classes is empty")
+        missing = [c for c in wanted if c not in self._by_key]
+        if missing:
+            raise ValueError(
+                f"the unlabeled pool has no image keyed by class {missing[:5]} (keys are real class ids, "
+                f"not the task's relative labels 0..N-1; the pool has keys {sorted(self._by_key)[:10]})"
+            )
+        base, extra = divmod(n, len(wanted))
+        picks = []
+        for i, c in enumerate(wanted):
+            k = base + (1 if i < extra else 0)
+            idx = self._by_key[c]
+            if k > len(idx):
+                raise ValueError(f"class {c} has {len(idx)} unlabeled images in the pool, {k} were asked for")
+            picks.append(idx[torch.randperm(len(idx), generator=generator)[:k].to(idx.device)])
+        return self.images[torch.cat(picks)]
+
+
+class TaskSampler:
+    """Seeded N-way K-shot episodes from an image tensor, with a random label permutation.
+
+    Every task picks ``ways`` distinct classes from ``classes`` at random; relative label
+    ``i`` is the ``i``-th picked class, so the mapping real class → label changes from task
+    to task (``Task.classes[i]`` holds the real id behind label ``i``). Support and query
+    images of a class are disjoint; with ``unlabeled > 0`` each task also gets unlabeled
+    images of **its own real classes**: from ``unlabeled_pool`` if given, otherwise further
+    images of the same classes that are in neither the support nor the query set.
+
+    Args:
+        images: all images, in [0, 1].
+        labels: their real class ids.
+        ways: classes per task N.
+        shots: support images per class K.
+        queries: query images per class.
+        classes: the classes to draw from (one split of :func:`split_classes`); default all.
+        unlabeled: unlabeled images per task (spread evenly over its classes).
+        unlabeled_pool: an :class:`UnlabeledPool` to draw them from.
+        seed: seed of the sampler's private generator; the same seed gives the same tasks.
+            The global RNG is neither used nor advanced.
+
+    Raises:
+        ValueError: ``ways`` larger than the number of classes, a class with fewer than
+            ``shots + queries (+ unlabeled share)`` images (the message lists them), classes
+            absent from ``labels``, images outside [0, 1], mismatched lengths.
+        TypeError: wrong argument types.
+
+    Shape:
+        images: ``(M, C, H, W)``; labels: ``(M,)``. Each task: support ``(N·K, C, H, W)``,
+        query ``(N·Q, C, H, W)``, unlabeled ``(U, C, H, W)``, labels grouped by class.
+
+    Example:
+        >>> images, labels = load_digits()
+        >>> splits = digits_splits()
+        >>> sampler = TaskSampler(images, labels, ways=3, shots=1, queries=5, classes=splits.train)
+        >>> tasks = sampler.sample(4)
+        >>> batches = sampler.batches(4)   # endless: next(batches) -> list of 4 tasks
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor | Sequence[int],
+        *,
+        ways: int,
+        shots: int,
+        queries: int,
+        classes: Tensor | Sequence[int] | None = None,
+        unlabeled: int = 0,
+        unlabeled_pool: UnlabeledPool | None = None,
+        seed: int = 0,
+    ):
+        self.images = _check_images(images)
+        labels = _labels_tensor(labels)
+        if len(labels) != len(images):
+            raise ValueError(f"images and labels differ in length: {len(images)} and {len(labels)}")
+        self.labels = labels
+        self.ways = _int_arg(ways, "ways", minimum=1)
+        self.shots = _int_arg(shots, "shots", minimum=1)
+        self.queries = _int_arg(queries, "queries", minimum=1)
+        self.unlabeled = _int_arg(unlabeled, "unlabeled", minimum=0)
+        if unlabeled_pool is not None and not isinstance(unlabeled_pool, UnlabeledPool):
+            raise TypeError(f"unlabeled_pool must be an UnlabeledPool, got {type(unlabeled_pool).__name__}")
+        self.unlabeled_pool = unlabeled_pool
+        present = torch.unique(labels).tolist()
+        self.classes = present if classes is None else sorted(set(_as_class_list(classes)))
+        absent = sorted(set(self.classes) - set(present))
+        if absent:
+            raise ValueError(f"classes {absent[:10]} have no image in labels")
+        if self.ways > len(self.classes):
+            raise ValueError(
+                f"ways={self.ways} is more than the {len(self.classes)} classes available "
+                f"({self.classes[:10]}{'...' if len(self.classes) > 10 else ''})"
+            )
+        per_class_unl = 0
+        if self.unlabeled and unlabeled_pool is None:
+            per_class_unl = -(-self.unlabeled // self.ways)  # ceil
+        need = self.shots + self.queries + per_class_unl
+        self._by_class = {c: (labels == c).nonzero().flatten() for c in self.classes}
+        short = {c: len(i) for c, i in self._by_class.items() if len(i) < need}
+        if short:
+            what = f"shots + queries = {self.shots} + {self.queries}"
+            if per_class_unl:
+                what += f" + {per_class_unl} unlabeled"
+            raise ValueError(
+                f"{len(short)} classes have fewer images than {what} = {need}: "
+                + ", ".join(f"class {c}: {k}" for c, k in list(short.items())[:8])
+            )
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def __repr__(self) -> str:
+        return (
+            f"TaskSampler({self.ways}-way {self.shots}-shot, {self.queries} queries, "
+            f"{len(self.classes)} classes, unlabeled={self.unlabeled}, seed={self.seed})"
+        )
+
+    def reset(self) -> None:
+        """Restart the task stream from the seed."""
+        self.generator.manual_seed(self.seed)
+
+    def _one(self) -> Task:
+        g = self.generator
+        device = self.images.device
+        order = torch.randperm(len(self.classes), generator=g)[: self.ways].tolist()
+        chosen = [self.classes[i] for i in order]
+        k = self.shots + self.queries
+        sup, qry, unl = [], [], []
+        base, extra = divmod(self.unlabeled, self.ways)
+        for rank, c in enumerate(chosen):
+            idx = self._by_class[c]
+            perm = idx[torch.randperm(len(idx), generator=g).to(idx.device)]
+            sup.append(perm[: self.shots])
+            qry.append(perm[self.shots : k])
+            if self.unlabeled and self.unlabeled_pool is None:
+                unl.append(perm[k : k + base + (1 if rank < extra else 0)])
+        rel = torch.arange(self.ways, device=device)
+        task = Task(
+            self.images[torch.cat(sup).to(device)],
+            rel.repeat_interleave(self.shots),
+            self.images[torch.cat(qry).to(device)],
+            rel.repeat_interleave(self.queries),
+            classes=torch.tensor(chosen, dtype=torch.long),
+        )
+        if self.unlabeled:
+            if self.unlabeled_pool is not None:
+                task.unlabeled = self.unlabeled_pool.draw(self.unlabeled, classes=task.classes, generator=g)
+            else:
+                task.unlabeled = self.images[torch.cat(unl).to(device)]
+        return task
+
+    def sample(self, n_tasks: int) -> list[Task]:
+        """The next ``n_tasks`` tasks of the seeded stream."""
+        n_tasks = _int_arg(n_tasks, "n_tasks", minimum=0)
+        return [self._one() for _ in range(n_tasks)]
+
+    def batches(self, batch_size: int) -> Iterator[list[Task]]:
+        """An endless iterator of meta-batches (lists of ``batch_size`` tasks)."""
+        batch_size = _int_arg(batch_size, "batch_size", minimum=1)
+        while True:
+            yield self.sample(batch_size)
+
+    def __iter__(self) -> Iterator[Task]:
+        """Tasks one by one, endlessly."""
+        while True:
+            yield self._one()
+
+
+# --------------------------------------------------------------------------- built-in data
+
+
+def load_digits() -> tuple[Tensor, Tensor]:
+    """The UCI handwritten digits shipped with scikit-learn: real data that works offline.
+
+    Returns:
+        ``(images, labels)``: ``(1797, 1, 8, 8)`` float32 in [0, 1] (pixel counts 0..16
+        divided by 16) and ``(1797,)`` int64 labels 0..9.
+
+    Raises:
+        ImportError: scikit-learn is missing (``pip install scikit-learn`` or
+            ``pip install robust-meta[demo]``).
+    """
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+    except ImportError as err:
+        raise ImportError(
+            "load_digits needs scikit-learn: pip install scikit-learn (or pip install 'robust-meta[demo]')"
+        ) from err
+    bunch = _sk_load_digits()
+    images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    return images, labels
+
+
+def digits_splits(seed: int = 0) -> ClassSplits:
+    """Disjoint class splits of the 10 digits: 4 train, 3 val, 3 test classes.
+
+    10 classes cannot give three disjoint splits of 5 classes, so the digits demo uses
+    **3-way** tasks, which every split supports (4 train classes also give
+    ``C(4, 3) = 4`` class combinations, each with random label permutations).
+
+    Args:
+        seed: which digits go where.
+
+    Returns:
+        :class:`ClassSplits` (``._asdict()`` for a dict).
+    """
+    return split_classes(torch.arange(10), counts=(4, 3, 3), seed=seed)
+
+
+def load_tensor_dataset(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
+    """A user's dataset saved as ``torch.save({"images": ..., "labels": ...}, path)``.
+
+    Loaded with ``weights_only=True`` (no code execution) onto the CPU. uint8 images are
+    divided by 255; ``(N, H, W)`` grey images get a channel dimension.
+
+    Returns:
+        ``(images, labels)``: ``(N, C, H, W)`` floating point in [0, 1], ``(N,)`` int64.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: missing keys, mismatched lengths, pixels outside [0, 1].
+        TypeError: not a dict of tensors, or non-integer labels.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tensor dataset file {path!r} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors differ across torch versions
+        raise ValueError(
+            f"could not load {path!r} with torch.load(weights_only=True): {err}. Save plain tensors: "
+            "torch.save({'images': images, 'labels': labels}, path)"
+        ) from err
+    if not isinstance(data, Mapping) or not {"images", "labels"} <= set(data):
+        keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+        raise ValueError(f"{path!r} must hold a dict with keys 'images' and 'labels', got {keys}")
+    images, labels = data["images"], data["labels"]
+    if not isinstance(images, Tensor):
+        raise TypeError(f"'images' in {path!r} must be a tensor, got {type(images).__name__}")
+    if images.dtype == torch.uint8:
+        images = images.float() / 255.0
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    if images.dim() != 4:
+        raise ValueError(f"'images' in {path!r} must be (N, C, H, W) or (N, H, W), got {tuple(images.shape)}")
+    _check_images(images, f"'images' in {path!r}")
+    labels = _labels_tensor(labels, f"'labels' in {path!r}")
+    if len(labels) != len(images):
+        raise ValueError(f"{path!r}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+# --------------------------------------------------------------------------- torchmeta data
+
+# name -> (torchmeta helper, folder under root, files that prove the data is there, source)
+_TORCHMETA_DATASETS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
+    "omniglot": ("omniglot", "omniglot", ("data.hdf5", "vinyals_{split}_labels.json"),
+                 "https://github.com/brendenlake/omniglot (images_background.zip, images_evaluation.zip)"),
+    "miniimagenet": ("miniimagenet", "miniimagenet", ("{split}_data.hdf5", "{split}_labels.json"),
+                     "the Ravi & Larochelle split, mini-imagenet.tar.gz (Google Drive, via torchmeta)"),
+    "tieredimagenet": ("tieredimagenet", "tieredimagenet", ("{split}_data.hdf5", "{split}_labels.json"),
+                       "tiered-imagenet.tar (Google Drive, via torchmeta)"),
+    "cifar-fs": ("cifar_fs", "cifar100", ("data.hdf5", "fine_names.json", "cifar-fs/{split}_labels.json"),
+                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+    "fc100": ("fc100", "cifar100", ("data.hdf5", "fine_names.json", "fc100/{split}_labels.json"),
+              "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+    "cub": ("cub", "cub", ("{split}_data.hdf5", "{split}_labels.json"),
+            "CUB_200_2011.tgz (Caltech-UCSD Birds, via torchmeta)"),
+}
+TORCHMETA_DATASETS = tuple(_TORCHMETA_DATASETS)
+_SPLIT_ALIASES = {"train": "train", "meta_train": "train", "val": "val", "valid": "val", "meta_val": "val",
+                  "test": "test", "meta_test": "test"}
+
+
+def _torchmeta_key(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"dataset name must be a string, got {type(name).__name__}")
+    key = name.strip().lower().replace("_", "-")
+    key = {"cifarfs": "cifar-fs", "mini-imagenet": "miniimagenet", "tiered-imagenet": "tieredimagenet"}.get(key, key)
+    if key not in _TORCHMETA_DATASETS:
+        raise ValueError(f"unknown torchmeta dataset {name!r}; choose from {', '.join(TORCHMETA_DATASETS)}")
+    return key
+
+
+def check_torchmeta_folder(name: str, folder: str | os.PathLike, *, split: str = "train") -> str:
+    """Check that ``folder`` holds torchmeta's processed files for ``name``; return the key.
+
+    Raises:
+        FileNotFoundError: with the missing files and how to obtain the data.
+        ValueError: unknown dataset or split.
+    """
+    key = _torchmeta_key(name)
+    if split not in _SPLIT_ALIASES:
+        raise ValueError(f"unknown split {split!r}; choose from train, val, test")
+    split = _SPLIT_ALIASES[split]
+    _, sub, files, source = _TORCHMETA_DATASETS[key]
+    root = os.path.expanduser(os.fspath(folder))
+    missing = [os.path.join(root, sub, f.format(split=split)) for f in files
+               if not os.path.isfile(os.path.join(root, sub, f.format(split=split)))]
+    if missing:
+        where = "does not exist" if not os.path.isdir(root) else f"lacks {', '.join(missing)}"
+        raise FileNotFoundError(
+            f"{key} data not found: folder {root!r} {where}. torchmeta expects its processed files "
+            f"under <folder>/{sub}/. To obtain them, on a machine with internet run once "
+            f"`robust_meta.data.torchmeta_tasks({key!r}, {root!r}, ways=5, shots=1, queries=15, "
+            f"n_tasks=1, download=True)` (torchmeta downloads {source} and converts it), then copy "
+            f"the {sub}/ folder here. `pip install --no-deps torchmeta==1.8.0 ordered-set h5py` "
+            "provides the loader."
+        )
+    return key
+
+
+def torchmeta_dataset(
+    name: str,
+    folder: str | os.PathLike,
+    *,
+    ways: int,
+    shots: int,
+    queries: int,
+    split: str = "train",
+    seed: int | None = 0,
+    image_size: int | None = None,
+    download: bool = False,
+    **kwargs: object,
+) -> Any:
+    """torchmeta's own few-shot dataset (helper + ``ClassSplitter``), after checking the folder.
+
+    Args:
+        name: one of :data:`TORCHMETA_DATASETS` (``"omniglot"``, ``"miniimagenet"``,
+            ``"cifar-fs"``, ``"fc100"``, ``"tieredimagenet"``, ``"cub"``).
+        folder: the torchmeta root folder (holding e.g. ``miniimagenet/``).
+        ways, shots, queries: N, K and query images per class.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        seed: torchmeta's dataset seed (which images each class contributes to a task).
+        image_size: resize images to this size (default: the helper's: 28 for Omniglot, 84
+            for (tiered)MiniImageNet/CUB, 32 for CIFAR).
+        download: let torchmeta download the data (needs internet).
+        **kwargs: passed to the torchmeta helper.
+
+    Returns:
+        A torchmeta ``CombinationMetaDataset``; index it with a tuple of class indices, or
+        wrap it in ``torchmeta.utils.data.BatchMetaDataLoader``.
+
+    Raises:
+        FileNotFoundError: the data is not in ``folder`` (and ``download`` is False).
+        ImportError: torchmeta is not installed.
+    """
+    key = _torchmeta_key(name)
+    if not download:
+        check_torchmeta_folder(key, folder, split=split)
+    split = _SPLIT_ALIASES.get(split, split)
+    from .compat.torchmeta import patch_torchmeta
+
+    patch_torchmeta()
+    from torchmeta.datasets import helpers
+
+    if image_size is not None:
+        from torchvision.transforms import Compose, Resize, ToTensor
+
+        kwargs.setdefault("transform", Compose([Resize(_int_arg(image_size, "image_size", minimum=1)), ToTensor()]))
+    helper = getattr(helpers, _TORCHMETA_DATASETS[key][0])
+    return helper(
+        os.fspath(folder), shots=_int_arg(shots, "shots", minimum=1), ways=_int_arg(ways, "ways", minimum=1),
+        test_shots=_int_arg(queries, "queries", minimum=1), meta_split=split, seed=seed,
+        download=download, **kwargs,
+    )
+
+
+def torchmeta_loader(
+    name: str,
+    folder: str | os.PathLike,
+    *,
+    ways: int,
+    shots: int,
+    queries: int,
+    split: str = "train",
+    batch_size: int = 4,
+    num_workers: int = 0,
+    shuffle: bool = True,
+    seed: int | None = 0,
+    image_size: int | None = None,
+    download: bool = False,
+    **kwargs: object,
+) -> Any:
+    """torchmeta's ``BatchMetaDataLoader`` over :func:`torchmeta_dataset`.
+
+    Each batch is torchmeta's ``{"train": (x, y), "test": (x, y)}`` with 5-D inputs; turn it
+    into :class:`Task` objects with :func:`iter_tasks`. Arguments as in
+    :func:`torchmeta_dataset`.
+
+    Raises:
+        FileNotFoundError: the data is not in ``folder``.
+    """
+    dataset = torchmeta_dataset(name, folder, ways=ways, shots=shots, queries=queries, split=split,
+                                seed=seed, image_size=image_size, download=download, **kwargs)
+    from torchmeta.utils.data import BatchMetaDataLoader
+
+    return BatchMetaDataLoader(dataset, batch_size=_int_arg(batch_size, "batch_size", minimum=1),
+                               num_workers=num_workers, shuffle=shuffle)
+
+
+def _collate_torchmeta(subset: Any) -> tuple[Tensor, Tensor, list[int]]:
+    """Images, labels and real class index of every item of a ClassSplitter task split."""
+    import bisect
+
+    concat = subset.dataset
+    xs, ys, cls = [], [], []
+    for j in range(len(subset)):
+        x, y = subset[j]
+        xs.append(x)
+        ys.append(int(y))
+        part = bisect.bisect_right(concat.cumulative_sizes, int(subset.indices[j]))
+        cls.append(int(concat.datasets[part].index))
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long), cls
+
+
+def torchmeta_tasks(
+    name: str,
+    folder: str | os.PathLike,
+    *,
+    ways: int,
+    shots: int,
+    queries: int,
+    split: str = "train",
+    n_tasks: int,
+    seed: int = 0,
+    image_size: int | None = None,
+    download: bool = False,
+    **kwargs: object,
+) -> list[Task]:
+    """``n_tasks`` reproducible :class:`Task` objects from a torchmeta dataset on disk.
+
+    Classes are drawn with a private generator seeded by ``seed``; torchmeta's own random
+    label assignment runs under a forked, seeded global RNG, so the same arguments give the
+    same tasks and the caller's RNG state is untouched. ``Task.classes[i]`` is torchmeta's
+    class index (within the split, class augmentations included) behind label ``i``.
+
+    Args:
+        name, folder, ways, shots, queries, split, image_size, download, **kwargs: as in
+            :func:`torchmeta_dataset`.
+        n_tasks: how many tasks.
+        seed: seed of the task stream.
+
+    Returns:
+        ``list[Task]``; support ``(N·K, C, H, W)``, query ``(N·Q, C, H, W)``, in [0, 1].
+
+    Raises:
+        FileNotFoundError: the data is not in ``folder``; the message says how to get it.
+        ValueError: ``ways`` larger than the split's number of classes, bad arguments.
+        ImportError: torchmeta is not installed.
+
+    Example:
+        >>> tasks = torchmeta_tasks("miniimagenet", "~/data", ways=5, shots=1, queries=15,
+        ...                         split="test", n_tasks=100, seed=0)
+    """
+    n_tasks = _int_arg(n_tasks, "n_tasks", minimum=0)
+    dataset = torchmeta_dataset(name, folder, ways=ways, shots=shots, queries=queries, split=split,
+                                seed=seed, image_size=image_size, download=download, **kwargs)
+    n_classes = len(dataset.dataset)
+    if ways > n_classes:
+        raise ValueError(f"ways={ways} is more than the {n_classes} classes of the {split} split of {name!r}")
+    g = torch.Generator().manual_seed(int(seed))
+    tasks = []
+    for _ in range(n_tasks):
+        index = tuple(torch.randperm(n_classes, generator=g)[:ways].tolist())
+        task_seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(task_seed)
+            episode = dataset[index]
+            sx, sy, s_cls = _collate_torchmeta(episode["train"])
+            qx, qy, _ = _collate_torchmeta(episode["test"])
+        classes = torch.empty(ways, dtype=torch.long)
+        for label, c in zip(sy.tolist(), s_cls):
+            classes[label] = c
+        tasks.append(Task(sx, sy, qx, qy, classes=classes))
+    return tasks
