@@ -66,7 +66,7 @@ def adapt(
 ) -> Params:
     r"""Fine-tune ``model`` on a support set with ``steps`` gradient steps; return the weights.
 
-    Implements :math:`w^{(k)} = w^{(k-1)} - \alpha \nabla_w [\ell(w^{(k-1)}; D) +
+    Implements `w^{(k)} = w^{(k-1)} - \alpha \nabla_w [\ell(w^{(k-1)}; D) +
     \gamma_{in} R(w^{(k-1)}; D)]` (paper eq. 3, constraint; Algorithm S1 lines 4–7).
     The robust inner term (R-MAML_both) is evaluated at the *current* fast weights at every
     step, with adversarial examples generated against them.
@@ -143,7 +143,7 @@ def inner_loop(
 ) -> Params:
     """Plain gradient descent on ``loss_at(fast, k)`` over the names in ``lrs``.
 
-    Shared by :func:`adapt` and :class:`robust_meta.ANILHead`. Under ``torch.no_grad()`` it
+    Shared by `adapt` and `robust_meta.ANILHead`. Under ``torch.no_grad()`` it
     runs on detached copies (first order) and returns detached weights.
     """
     outer_grad = torch.is_grad_enabled()

@@ -79,13 +79,13 @@ class ANILHead:
         params: Mapping[str, Tensor] | None = None,
         loss_fn: LossFn | None = None,
     ) -> Params:
-        """Same contract as :func:`robust_meta.adapt`, adapting the head only.
+        """Same contract as `robust_meta.adapt`, adapting the head only.
 
         ``step_size`` may be a float or a dict over head parameter names (body names may
         appear only with 0.0: the body is never adapted).
 
         Raises:
-            ValueError: a nonzero step size for a body parameter, and as :func:`robust_meta.adapt`.
+            ValueError: a nonzero step size for a body parameter, and as `robust_meta.adapt`.
 
         Returns:
             All parameters: body entries are the starting weights, head entries adapted.

@@ -45,7 +45,7 @@ def _base_class():
 
 
 class TradesAttack(_base_class()):
-    r"""ℓ∞ attack that maximises :math:`\mathrm{KL}(p(x)\,\|\,p(x+\delta))` (TRADES).
+    r"""ℓ∞ attack that maximises `\mathrm{KL}(p(x)\,\|\,p(x+\delta))` (TRADES).
 
     Needs no labels. ``steps=1`` with ``random_start="uniform"`` and ``alpha=1.25·eps`` is the
     one-step fast variant (Wong et al. 2020 applied to the TRADES objective).
@@ -96,10 +96,10 @@ def make_attack(
     n_classes: int | None = None,
     seed: int | None = None,
 ):
-    """Build a torchattacks attack against ``model`` (usually a :class:`ModelAt` view).
+    """Build a torchattacks attack against ``model`` (usually a `ModelAt` view).
 
     Args:
-        attack: a name from :data:`ATTACKS`, a torchattacks ``Attack`` subclass (built as
+        attack: a name from `ATTACKS`, a torchattacks ``Attack`` subclass (built as
             ``cls(model, eps=eps)``), or an instance (copied and re-targeted at ``model``).
         model: the network to attack.
         eps: ℓ∞ radius in [0, 1] pixel units.

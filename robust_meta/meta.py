@@ -19,7 +19,7 @@ __all__ = ["AuxLoss", "MetaStepStats", "RobustMetaUpdate"]
 
 
 class AuxLoss(Protocol):
-    """An auxiliary outer term such as :class:`robust_meta.ContrastiveAux`.
+    """An auxiliary outer term such as `robust_meta.ContrastiveAux`.
 
     Called with the model, the adapted weights, the query inputs and their adversarial
     examples; returns the **already weighted** scalar (γ_CL·ℓ_CL).
@@ -32,7 +32,7 @@ class AuxLoss(Protocol):
 
 @dataclass
 class MetaStepStats:
-    """Diagnostics of the last call (detached tensors; :meth:`as_dict` gives floats).
+    """Diagnostics of the last call (detached tensors; `as_dict` gives floats).
 
     Attributes:
         loss: the returned total.
@@ -65,7 +65,7 @@ def _accuracy(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 class RobustMetaUpdate:
-    r"""Robust outer loss for one task: :math:`\ell(w'; D') + \gamma_{out} R(w'; D')` [+ aux].
+    r"""Robust outer loss for one task: `\ell(w'; D') + \gamma_{out} R(w'; D')` [+ aux].
 
     Replace the cross-entropy line of an existing MAML loop by a call to this object, on
     the same query inputs, query targets and adapted weights. Adversarial examples are
@@ -92,7 +92,7 @@ class RobustMetaUpdate:
             ``float("inf")`` for AQ.
         attack_steps: PGD iterations (default 10).
         attack_step_size: PGD step (default ``2.5·eps/steps``).
-        regularizer: a :class:`RobustnessRegularizer` (e.g. ``TradesRegularizer``); replaces
+        regularizer: a `RobustnessRegularizer` (e.g. ``TradesRegularizer``); replaces
             ``attack``/``eps``.
         aux: an auxiliary term (e.g. ``ContrastiveAux``) added as is.
         check_inputs: validate shapes, labels, pixel range and NaN on every call.
@@ -168,7 +168,7 @@ class RobustMetaUpdate:
         Args:
             inputs: query images in [0, 1].
             targets: query labels.
-            params: adapted weights from :func:`robust_meta.adapt` (or torchmeta's
+            params: adapted weights from `robust_meta.adapt` (or torchmeta's
                 ``gradient_update_parameters``); ``None`` means the model's own weights.
             unlabeled: extra unlabeled images of this task (TRADES only).
             model: evaluate this module instead of the one given at construction, e.g. a

@@ -5,7 +5,7 @@ Two kinds of model are supported without importing torchmeta:
 
 * **torchmeta MetaModules** (duck-typed: anything with ``meta_named_parameters``) are
   called as ``model(x, params=params)``;
-* **plain nn.Modules** are called through :func:`torch.func.functional_call`, with the
+* **plain nn.Modules** are called through `torch.func.functional_call`, with the
   module's own buffers for every name the dict does not hold.
 
 The user's module and its ``.data`` are never rewritten in place.

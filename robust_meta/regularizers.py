@@ -1,8 +1,8 @@
-r"""Robustness regularizers :math:`R(w; D) = \mathbb{E} \max_{\|\delta\|_\infty \le \epsilon} g(w; x+\delta, y)`.
+r"""Robustness regularizers `R(w; D) = \mathbb{E} \max_{\|\delta\|_\infty \le \epsilon} g(w; x+\delta, y)`.
 
-* :class:`ATRegularizer` — adversarial training: ``g`` is the task loss on the adversarial
+* `ATRegularizer` — adversarial training: ``g`` is the task loss on the adversarial
   input (paper eq. 2 with λ = 0).
-* :class:`TradesRegularizer` — TRADES: ``g = KL(p(x) ‖ p(x+δ))``; needs no labels, so it
+* `TradesRegularizer` — TRADES: ``g = KL(p(x) ‖ p(x+δ))``; needs no labels, so it
   also runs on unlabeled images (R-MAML_out-TRADES).
 
 The adversarial examples are generated against the weights passed in (the adapted weights
@@ -40,7 +40,7 @@ class RegularizerOutput:
 
 
 def trades_kl(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:
-    r""":math:`\frac1B\sum_b \mathrm{KL}(p(x_b)\,\|\,p(x_b+\delta_b))`, gradient through both sides.
+    r"""`\frac1B\sum_b \mathrm{KL}(p(x_b)\,\|\,p(x_b+\delta_b))`, gradient through both sides.
 
     Shape:
         clean_logits, adv_logits: ``(B, C)`` -> scalar.
@@ -54,7 +54,7 @@ class RobustnessRegularizer:
     """Base class: holds the attack configuration; subclasses define the objective.
 
     Args:
-        attack: a name from :data:`robust_meta.attacks.ATTACKS`, or a torchattacks attack.
+        attack: a name from `robust_meta.attacks.ATTACKS`, or a torchattacks attack.
         eps: ℓ∞ radius in [0, 1] pixel units.
         steps: attack iterations (default 10 for ``"pgd"``, 1 for ``"fgsm"``).
         step_size: attack step (default ``2.5·eps/steps``; ``1.25·eps`` for ``"fgsm"``).
@@ -116,7 +116,7 @@ class RobustnessRegularizer:
 
 
 class ATRegularizer(RobustnessRegularizer):
-    r"""Adversarial-training term :math:`R = \ell(w; x_{adv}, y)` (paper eq. 2, λ = 0).
+    r"""Adversarial-training term `R = \ell(w; x_{adv}, y)` (paper eq. 2, λ = 0).
 
     Example:
         >>> reg = ATRegularizer("fgsm", eps=2/255)
@@ -141,7 +141,7 @@ class ATRegularizer(RobustnessRegularizer):
 
 
 class TradesRegularizer(RobustnessRegularizer):
-    r"""TRADES term :math:`R = \mathrm{KL}(p_w(x)\,\|\,p_w(x+\delta))`, δ maximising it in the ε-ball.
+    r"""TRADES term `R = \mathrm{KL}(p_w(x)\,\|\,p_w(x+\delta))`, δ maximising it in the ε-ball.
 
     Labels are not used, so extra **unlabeled** images of the task can be passed
     (``unlabeled=``): R is then the mean KL over labeled and unlabeled images together
@@ -157,7 +157,7 @@ class TradesRegularizer(RobustnessRegularizer):
         attack: ``"pgd"`` (multi-step KL ascent, default 10 steps) or ``"fgsm"`` (one step of
             1.25ε from a uniform random start), or a torchattacks attack.
         eps: ℓ∞ radius in [0, 1] pixel units.
-        steps, step_size, check_inputs: as in :class:`RobustnessRegularizer`.
+        steps, step_size, check_inputs: as in `RobustnessRegularizer`.
 
     References:
         Zhang et al., "Theoretically Principled Trade-off between Robustness and Accuracy",
