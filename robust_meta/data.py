@@ -171,7 +171,7 @@ def split_classes(
 
     Example:
         >>> split_classes(torch.arange(10), counts=(4, 3, 3), seed=0).train
-        [0, 3, 4, 8]
+        [1, 4, 5, 7]
     """
     classes = torch.unique(_labels_tensor(labels)).tolist()
     n = len(classes)
@@ -413,11 +413,12 @@ class TaskSampler:
         self._by_class = {c: (labels == c).nonzero().flatten() for c in self.classes}
         short = {c: len(i) for c, i in self._by_class.items() if len(i) < need}
         if short:
-            what = f"shots + queries = {self.shots} + {self.queries}"
             if per_class_unl:
-                what += f" + {per_class_unl} unlabeled"
+                what = f"shots + queries + unlabeled per class = {self.shots} + {self.queries} + {per_class_unl}"
+            else:
+                what = f"shots + queries = {self.shots} + {self.queries}"
             raise ValueError(
-                f"{len(short)} classes have fewer images than {what} = {need}: "
+                f"{len(short)} class(es) have fewer images than {what} = {need}: "
                 + ", ".join(f"class {c}: {k}" for c, k in list(short.items())[:8])
             )
         self.seed = int(seed)
