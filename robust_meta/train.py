@@ -559,9 +559,13 @@ class _TaskSource:
 def build_task_sources(config: TrainConfig) -> dict[str, _TaskSource]:
     """``{"train", "val", "test"}`` task sources for a resolved config (disjoint classes).
 
+    ``digits`` uses :func:`robust_meta.data.digits_splits` (4 / 3 / 3 classes); a
+    ``tensor:PATH`` dataset is split 60 / 20 / 20 % of its classes with seed 0; torchmeta
+    datasets use their own meta-train / meta-val / meta-test splits.
+
     Raises:
         FileNotFoundError: the dataset's folder (``data_folder``) or tensor file is missing.
-        ValueError: a split has fewer classes than ``ways``.
+        ValueError: a split has fewer classes than ``ways``, or classes with too few images.
     """
     from . import data as D
 
@@ -572,36 +576,38 @@ def build_task_sources(config: TrainConfig) -> dict[str, _TaskSource]:
             raise FileNotFoundError(
                 f"dataset {name!r} needs --data-folder (the torchmeta root folder holding it)"
             )
-        if not Path(folder).is_dir():
+        if not Path(folder).expanduser().is_dir():
             raise FileNotFoundError(f"data folder {folder!r} for dataset {name!r} does not exist")
+        for split in ("train", "val", "test"):
+            D.check_torchmeta_folder(name, folder, split=split)
         return _torchmeta_sources(config, D)
     if name == "digits":
         images, labels = D.load_digits()
+        splits = D.digits_splits(seed=0)
     else:
         path = name.split(":", 1)[1]
         if not Path(path).is_file():
             raise FileNotFoundError(f"tensor dataset file {path!r} does not exist")
         images, labels = D.load_tensor_dataset(path)
-    return _array_sources(config, images, labels, D)
+        splits = D.split_classes(labels, seed=0)
+    return _array_sources(config, images, labels, splits, D)
 
 
-def _array_sources(config: TrainConfig, images: Tensor, labels: Tensor, D: Any) -> dict[str, _TaskSource]:
-    splits = D.split_classes(labels, seed=0)
+def _array_sources(config: TrainConfig, images: Tensor, labels: Tensor, splits: Any, D: Any) -> dict[str, _TaskSource]:
     sources = {}
     for split_name, classes in zip(("train", "val", "test"), splits):
-        classes = [int(c) for c in classes]
         if len(classes) < config.ways:
             raise ValueError(
-                f"the {split_name} split of {config.dataset!r} has {len(classes)} classes, fewer than "
-                f"ways={config.ways}"
+                f"the {split_name} split of {config.dataset!r} has {len(classes)} classes "
+                f"({list(classes)}), fewer than ways={config.ways}"
             )
-        unl = config.unlabeled if split_name == "train" else 0
+        sampler = D.TaskSampler(
+            images, labels, ways=config.ways, shots=config.shots, queries=config.queries,
+            classes=list(classes), unlabeled=config.unlabeled if split_name == "train" else 0, seed=0,
+        )
 
-        def sample(n: int, seed: int, classes=classes, unl=unl) -> list[Task]:
-            sampler = D.TaskSampler(
-                images, labels, ways=config.ways, shots=config.shots, queries=config.queries,
-                classes=classes, unlabeled=unl, seed=seed,
-            )
+        def sample(n: int, seed: int, sampler=sampler) -> list[Task]:
+            sampler.generator.manual_seed(seed)  # the stream of step s depends on (seed, s) only
             return sampler.sample(n)
 
         sources[split_name] = _TaskSource(sample, split_name)
@@ -614,7 +620,7 @@ def _torchmeta_sources(config: TrainConfig, D: Any) -> dict[str, _TaskSource]:
         def sample(n: int, seed: int, split_name=split_name) -> list[Task]:
             return D.torchmeta_tasks(
                 config.dataset, config.data_folder, split=split_name, ways=config.ways,
-                shots=config.shots, queries=config.queries, n_tasks=n, seed=seed,
+                shots=config.shots, queries=config.queries, n_tasks=n, seed=seed % 2**63,
                 image_size=config.image_size,
             )
 
@@ -688,7 +694,8 @@ class OverfittingMonitor:
     Feed it the validation PGD and FGSM robust accuracies after each validation. It flags a
     point where PGD accuracy has fallen to at most ``(1 - drop)`` of its best value so far (and
     by at least ``min_gap`` in absolute terms) while FGSM accuracy is at least what it was at
-    that best point: the model has learned to defeat the one-step attack only.
+    that best point and exceeds PGD accuracy by ``min_gap``: the model has learned to defeat
+    the one-step attack only.
 
     Args:
         drop: relative fall of PGD accuracy that counts as a collapse (default 0.5).
@@ -717,6 +724,7 @@ class OverfittingMonitor:
             ra_pgd <= (1 - self.drop) * self.best_pgd
             and fell >= self.min_gap
             and ra_fgsm >= self.fgsm_at_best
+            and ra_fgsm - ra_pgd >= self.min_gap
         )
 
 
