@@ -193,9 +193,8 @@ class _NumpyIntShim:
 def patch_torchmeta() -> Any:
     """Make ``import torchmeta`` (1.8.0) and its data/model code work on this stack.
 
-    Idempotent: a second call changes nothing. Safe to call whether or not torchmeta has
-    already been imported (patch 1 only matters before the first import; if that import
-    already failed, the half-imported modules are discarded and imported again).
+    Idempotent: a second call changes nothing. Also works after a plain ``import torchmeta``
+    has already failed (Python drops the failed modules, so they are imported again here).
 
     Returns:
         The imported ``torchmeta`` package.
