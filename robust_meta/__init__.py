@@ -1,38 +1,81 @@
 """robust-meta: adversarially robust few-shot meta-learning as composable pieces.
 
 Wang et al., "On Fast Adversarial Robustness Adaptation in Model-Agnostic Meta-Learning",
-ICLR 2021.
+ICLR 2021. ``import robust_meta.compat.torchmeta`` makes torchmeta run on torch 2.x; it is
+not imported here.
 """
 
 from ._version import __version__
 from .adapt import adapt
 from .anil import ANILHead
 from .attacks import ATTACKS, TradesAttack, make_attack, perturb
-from .data import Task, as_task, iter_tasks
+from .augment import Augment
+from .contrastive import ContrastiveAux, nt_xent
+from .data import (
+    ClassSplits,
+    Task,
+    TaskSampler,
+    UnlabeledPool,
+    as_task,
+    digits_splits,
+    iter_tasks,
+    load_digits,
+    load_tensor_dataset,
+    split_classes,
+    torchmeta_loader,
+    torchmeta_tasks,
+)
+from .evaluate import EvalResult, EvalWarning, Metric, confidence_interval, evaluate
 from .meta import MetaStepStats, RobustMetaUpdate
+from .models import Conv4, ResNet12, ResNet18, build_model
 from .params import ModelAt, call_features, call_head, call_model, named_params
 from .regularizers import ATRegularizer, RobustnessRegularizer, TradesRegularizer, trades_kl
+from .visualize import feature_inversion, plot_ra_vs_eps, save_image_grid
 
 __all__ = [
     "ANILHead",
     "ATRegularizer",
     "ATTACKS",
+    "Augment",
+    "ClassSplits",
+    "ContrastiveAux",
+    "Conv4",
+    "EvalResult",
+    "EvalWarning",
     "MetaStepStats",
+    "Metric",
     "ModelAt",
+    "ResNet12",
+    "ResNet18",
     "RobustMetaUpdate",
     "RobustnessRegularizer",
     "Task",
+    "TaskSampler",
     "TradesAttack",
     "TradesRegularizer",
+    "UnlabeledPool",
     "__version__",
     "adapt",
     "as_task",
+    "build_model",
     "call_features",
     "call_head",
     "call_model",
+    "confidence_interval",
+    "digits_splits",
+    "evaluate",
+    "feature_inversion",
     "iter_tasks",
+    "load_digits",
+    "load_tensor_dataset",
     "make_attack",
     "named_params",
+    "nt_xent",
     "perturb",
+    "plot_ra_vs_eps",
+    "save_image_grid",
+    "split_classes",
+    "torchmeta_loader",
+    "torchmeta_tasks",
     "trades_kl",
 ]
