@@ -271,6 +271,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         best = train(config, out_dir=out, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
+    except FileExistsError:
+        raise UsageError(
+            f"{str(out)!r} already holds a run (last.pt): add --resume to continue it or --overwrite "
+            "to start again"
+        ) from None
     except KeyboardInterrupt:
         print(f"{PROG} train: interrupted; continue with --resume --out {out}", file=sys.stderr)
         return 130

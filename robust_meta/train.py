@@ -283,8 +283,8 @@ class TrainConfig:
 
     @property
     def one_step_attack(self) -> bool:
-        """Whether training uses a one-step attack (catastrophic overfitting is watched)."""
-        return self.attack == "fgsm" or self.attack_steps == 1
+        """Whether a robust method trains with a one-step attack (catastrophic overfitting is watched)."""
+        return method_preset(self.method).robust and (self.attack == "fgsm" or self.attack_steps == 1)
 
 
 # --------------------------------------------------------------------------- RNG
@@ -860,7 +860,23 @@ def train(
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     config = config.resolved()
-    out = Path(out_dir)
+    caller_rng = _rng_state()
+    try:
+        return _train(config, Path(out_dir), resume=resume, overwrite=overwrite, progress=progress,
+                      callback=callback)
+    finally:
+        _set_rng_state(caller_rng)  # the caller's random streams are left as they were
+
+
+def _train(
+    config: TrainConfig,
+    out: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    callback: Callable[[int, dict[str, Any]], None] | None,
+) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out / "last.pt", out / "best.pt"
     log_path, csv_path = out / "log.jsonl", out / "log.csv"
@@ -879,7 +895,7 @@ def train(
                 f"{sorted(RESUMABLE_CHANGES)} may change on resume"
             )
     elif resume:
-        warnings.warn(f"resume: no checkpoint in {str(out)!r}; training from scratch", stacklevel=2)
+        warnings.warn(f"resume: no checkpoint in {str(out)!r}; training from scratch", stacklevel=3)
     elif last_path.exists() and not overwrite:
         raise FileExistsError(
             f"{str(out)!r} already holds a run (last.pt); pass resume=True to continue it or "
@@ -893,10 +909,6 @@ def train(
     update, inner_reg, anil, aux = _build_objective(model, config)
     if aux is not None:
         aux.to(device)
-        # Size a lazy projection head before the optimizer sees it.
-        with torch.no_grad(), preserved_buffers(model):
-            probe = sources["train"].sample(1, step_seed(config.seed, "probe"))[0].to(device)
-            aux.project(call_model_features(model, probe.query_x[:2]))
     params = list(model.parameters()) + ([] if aux is None else list(aux.parameters()))
     optimizer = torch.optim.Adam(params, lr=config.meta_lr)
 
@@ -942,8 +954,9 @@ def train(
 
         bar = tqdm(total=config.meta_steps, initial=start, desc=config.method, dynamic_ncols=True)
     t0 = time.perf_counter()
-    completed = start
-    in_update = False
+    completed = start  # the model and optimizer hold the state after this step...
+    dirty = False  # ...unless a later optimizer step has run and its bookkeeping has not finished
+    saved = start if ckpt is not None else -1
     try:
         with open(log_path, "a", encoding="utf-8") as log_file:
             for step in range(start + 1, config.meta_steps + 1):
@@ -963,10 +976,8 @@ def train(
                     loss = update(task.query_x, task.query_y, params=fast, unlabeled=unl)
                     (loss / len(tasks)).backward()
                     rows.append(update.last.as_dict())
-                in_update = True
+                dirty = True
                 optimizer.step()
-                in_update = False
-                completed = step
                 stats = _mean_stats(rows)
                 rec: dict[str, Any] = {"step": step}
                 rec.update(stats)
@@ -988,7 +999,7 @@ def train(
                                 f"step {step}: catastrophic overfitting - validation PGD robust accuracy "
                                 f"fell to {val['ra']:.3f} (best {monitor.best_pgd:.3f}) while FGSM accuracy "
                                 f"is {val['ra_fgsm']:.3f}; consider a smaller FGSM step, more attack steps "
-                                "or the checkpoint selected before the collapse", RuntimeWarning, stacklevel=2,
+                                "or the checkpoint selected before the collapse", RuntimeWarning, stacklevel=3,
                             )
                     rec["best"] = score > best_score
                     if score > best_score:
@@ -1003,6 +1014,7 @@ def train(
                     log_file.flush()
                 if step % config.save_every == 0 or step == config.meta_steps:
                     save_last(step)
+                    saved = step
                     _write_csv(records, csv_path)
                 if bar is not None:
                     post = {"loss": f"{stats['loss']:.3f}", "acc": f"{stats['clean_acc']:.2f}"}
@@ -1013,10 +1025,11 @@ def train(
                         post["val_ra"] = f"{rec['val_ra']:.2f}"
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
+                completed, dirty = step, False
                 if callback is not None:
                     callback(step, rec)
     except KeyboardInterrupt:
-        if not in_update and completed > start and not _saved_at(last_path, completed):
+        if not dirty and completed > saved:
             save_last(completed)
         _write_csv(records, csv_path)
         raise
@@ -1028,18 +1041,3 @@ def train(
         save_checkpoint(best_path, model=model, config=config, step=completed, aux=aux,
                         extra={"val": {}, "score": best_score, "select": config.select})
     return best_path
-
-
-def _saved_at(path: Path, step: int) -> bool:
-    if not path.exists():
-        return False
-    try:
-        return int(load_checkpoint(path)["step"]) == step
-    except (CheckpointError, OSError):
-        return False
-
-
-def call_model_features(model: nn.Module, x: Tensor) -> Tensor:
-    from .params import call_features
-
-    return call_features(model, x, None)
