@@ -18,7 +18,7 @@ protocol): the attacked query batch is normalised with its own statistics, exact
 attack saw it. The model's running statistics, parameters and mode are left untouched.
 
 Sanity checks modelled on AutoAttack's ``autoattack/checks.py`` append to
-:attr:`EvalResult.warnings` and are emitted as :class:`EvalWarning`.
+`EvalResult.warnings` and are emitted as `EvalWarning`.
 """
 
 from __future__ import annotations
@@ -65,13 +65,13 @@ _STRENGTH = {"none": 0, "fgsm": 1, "pgd": 2, "apgd": 3, "autoattack": 4}
 
 
 class EvalWarning(UserWarning):
-    """A sanity check of :func:`evaluate` failed: the numbers may not mean what they seem."""
+    """A sanity check of `evaluate` failed: the numbers may not mean what they seem."""
 
 
 def confidence_interval(values: Iterable[float]) -> tuple[float, float]:
     r"""Mean and half-width of the normal 95% confidence interval of per-task values.
 
-    :math:`\mathrm{ci95} = 1.96 \cdot s / \sqrt{n}` with :math:`s` the sample standard
+    `\mathrm{ci95} = 1.96 \cdot s / \sqrt{n}` with `s` the sample standard
     deviation (``ddof=1``). With a single value the interval is undefined and ``nan``.
 
     Args:
@@ -138,7 +138,7 @@ def metric_name(attack: str, eps: float) -> str:
 
 @dataclass
 class EvalResult:
-    """What :func:`evaluate` returns.
+    """What `evaluate` returns.
 
     Attributes:
         metrics: ``name -> Metric``. ``"sa"``; ``"ra"`` (the first attack at the first
@@ -169,21 +169,21 @@ class EvalResult:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvalResult:
-        """Inverse of :meth:`to_dict` (statistics are recomputed from the per-task values)."""
+        """Inverse of `to_dict` (statistics are recomputed from the per-task values)."""
         if "metrics" not in data:
             raise ValueError("not an EvalResult dict: no 'metrics' key")
         metrics = {k: Metric.from_values(v["values"]) for k, v in data["metrics"].items()}
         return cls(metrics, dict(data.get("settings", {})), list(data.get("warnings", [])))
 
     def to_json(self, path: str | Path) -> Path:
-        """Write :meth:`to_dict` as JSON; returns the path."""
+        """Write `to_dict` as JSON; returns the path."""
         path = Path(path)
         path.write_text(json.dumps(self.to_dict(), indent=2, default=str))
         return path
 
     @classmethod
     def from_json(cls, path: str | Path) -> EvalResult:
-        """Read a file written by :meth:`to_json`."""
+        """Read a file written by `to_json`."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def to_csv(self, path: str | Path) -> Path:
@@ -200,7 +200,7 @@ class EvalResult:
 
     @classmethod
     def from_csv(cls, path: str | Path) -> EvalResult:
-        """Read per-task rows written by :meth:`to_csv` (settings and warnings are not in it)."""
+        """Read per-task rows written by `to_csv` (settings and warnings are not in it)."""
         with Path(path).open(newline="") as fh:
             rows = list(csv.reader(fh))
         if not rows or rows[0][:1] != ["task"]:
@@ -290,9 +290,9 @@ def finetune(
     r"""Meta-test fine-tuning of ``model`` on a support set; returns the fast weights.
 
     * ``mode="standard"`` (S-FT): ``steps`` gradient steps on the clean loss
-      (:func:`robust_meta.adapt`, or ``anil.adapt`` for head-only fine-tuning).
+      (`robust_meta.adapt`, or ``anil.adapt`` for head-only fine-tuning).
     * ``mode="adversarial"`` (A-FT, Table 1): steps on
-      :math:`\ell(w; D) + \gamma\,\ell(w; D_{adv})` with adversarial examples generated
+      `\ell(w; D) + \gamma\,\ell(w; D_{adv})` with adversarial examples generated
       against the current fast weights at every step (``ATRegularizer`` with
       ``gamma_in=gamma``); ``gamma=math.inf`` fine-tunes on the adversarial loss only
       (AQ-style). With ``anil`` only the head adapts.
@@ -303,11 +303,11 @@ def finetune(
     Args:
         model: plain ``nn.Module`` or torchmeta ``MetaModule``.
         inputs, targets: the support set.
-        steps, step_size, first_order, loss_fn: as in :func:`robust_meta.adapt`.
+        steps, step_size, first_order, loss_fn: as in `robust_meta.adapt`.
         mode: ``"standard"`` or ``"adversarial"``.
         attack, eps, attack_steps, attack_step_size: the A-FT attack (``eps`` required).
         gamma: weight of the adversarial term (> 0; ``inf`` for adversarial loss only).
-        anil: an :class:`~robust_meta.ANILHead` of ``model`` to fine-tune the head only.
+        anil: an `robust_meta.ANILHead` of ``model`` to fine-tune the head only.
 
     Returns:
         ``dict[str, Tensor]`` of all parameters.
@@ -559,9 +559,9 @@ def evaluate(
     r"""Meta-test a meta-model: fine-tune on each task's support set, score SA and RA on its query.
 
     For each task: fine-tune (S-FT, A-FT or ANIL) on the support set to get fast weights
-    :math:`w'`; SA = accuracy of :math:`w'` on the clean query; for every attack and every
-    ε, RA = accuracy of :math:`w'` on the query attacked against :math:`w'`
-    (:func:`robust_meta.perturb` with ``n_classes`` = the task's ways). The meta-model's
+    `w'`; SA = accuracy of `w'` on the clean query; for every attack and every
+    ε, RA = accuracy of `w'` on the query attacked against `w'`
+    (`robust_meta.perturb` with ``n_classes`` = the task's ways). The meta-model's
     parameters, buffers and mode are left as they were.
 
     **Mode policy.** ``train_mode`` (default: the model's current mode) is used for the
@@ -572,8 +572,8 @@ def evaluate(
 
     Args:
         model: the meta-model (plain ``nn.Module`` or torchmeta ``MetaModule``), logits out.
-        tasks: an iterable of :class:`~robust_meta.Task`, ``(sx, sy, qx, qy)`` tuples or
-            torchmeta batch dicts (see :func:`robust_meta.iter_tasks`); moved to the model's
+        tasks: an iterable of `robust_meta.Task`, ``(sx, sy, qx, qy)`` tuples or
+            torchmeta batch dicts (see `robust_meta.iter_tasks`); moved to the model's
             device and floating dtype.
         eps: ℓ∞ radius in [0, 1] pixel units, or a sequence of radii (an ε sweep: the
             RA-vs-ε curve in one call; ε = 0 gives SA).
@@ -584,10 +584,10 @@ def evaluate(
         finetune: ``"standard"`` (S-FT) or ``"adversarial"`` (A-FT).
         finetune_attack, finetune_eps, finetune_gamma: the A-FT attack, its ε (default: the
             first nonzero evaluation ε) and the weight γ of the adversarial loss
-            (``math.inf``: adversarial loss only, AQ-style). See :func:`finetune`.
-        anil: an :class:`~robust_meta.ANILHead` of ``model`` (or the head's module name) to
+            (``math.inf``: adversarial loss only, AQ-style). See `finetune`.
+        anil: an `robust_meta.ANILHead` of ``model`` (or the head's module name) to
             fine-tune the classifier head only.
-        attacks: attack(s) to evaluate: names from :data:`robust_meta.ATTACKS`,
+        attacks: attack(s) to evaluate: names from `robust_meta.ATTACKS`,
             torchattacks classes or instances, a sequence of them, or a dict
             ``label -> attack``. ``"pgd"`` is PGD-``attack_steps`` with random start.
             A class is built as ``cls(model, eps=ε)``; an instance keeps its own settings
@@ -602,8 +602,8 @@ def evaluate(
         seed: seed the random starts of the attacks (the global RNG state is restored).
 
     Returns:
-        :class:`EvalResult` with ``metrics["sa"]``, ``metrics["ra"]`` and
-        ``metrics["ra[<attack>@<ε·255>/255]"]``, each a :class:`Metric` with ``mean``,
+        `EvalResult` with ``metrics["sa"]``, ``metrics["ra"]`` and
+        ``metrics["ra[<attack>@<ε·255>/255]"]``, each a `Metric` with ``mean``,
         ``ci95 = 1.96·std/√n`` (``std`` with ``ddof=1``), ``std``, ``n``, ``values``.
 
     Raises:
@@ -611,7 +611,7 @@ def evaluate(
         TypeError: wrong argument types.
 
     Sanity checks (``checks=True``; appended to ``result.warnings`` and emitted as
-    :class:`EvalWarning`): RA above SA; RA that rises with ε or with a stronger named attack
+    `EvalWarning`): RA above SA; RA that rises with ε or with a stronger named attack
     (fgsm < pgd < apgd < autoattack) beyond the 95% CI of the paired per-task difference;
     on the first task: zero input gradients (gradient masking), outputs that look like
     probabilities rather than logits, a model that is not deterministic between two calls.

@@ -52,13 +52,13 @@ def feature_inversion(
 ) -> Tensor:
     r"""Inverted input attribution maps (IAM): inputs that maximise one representation coordinate.
 
-    Solves paper eq. (S1), :math:`\max_\delta r_i(x + \delta)` subject to
-    :math:`x + \delta \in [0, 1]` (Engstrom et al. 2019), by normalised gradient ascent in
+    Solves paper eq. (S1), `\max_\delta r_i(x + \delta)` subject to
+    `x + \delta \in [0, 1]` (Engstrom et al. 2019), by normalised gradient ascent in
     ℓ2 (each step moves every image by ``step_size`` in ℓ2 along its gradient, then clips to
     [0, 1]). For each image the iterate with the largest activation is returned, so the
     activation never ends below that of the seed.
 
-    ``r`` is :func:`robust_meta.call_features` of ``model`` at ``params``: pass the
+    ``r`` is `robust_meta.call_features` of ``model`` at ``params``: pass the
     fine-tuned (fast) weights for the "after fine-tuning" maps, ``None`` for the meta-model.
     The weights are used detached; the model's parameters, buffers and mode are untouched.
 
@@ -69,7 +69,7 @@ def feature_inversion(
         params: weights to run the model at (default: its own).
         steps: ascent steps (0 returns the seeds).
         step_size: ℓ2 length of one step in [0, 1] pixel units.
-        features, head: where the representation is (see :func:`robust_meta.call_features`).
+        features, head: where the representation is (see `robust_meta.call_features`).
         training: train/eval mode of the forward passes (default: the model's mode).
 
     Returns:
@@ -253,7 +253,7 @@ def plot_ra_vs_eps(
     ε is drawn in units of 1/255, accuracy in percent; ε = 0 is SA.
 
     Args:
-        results: ``model name -> EvalResult`` (its :meth:`EvalResult.curve`) or
+        results: ``model name -> EvalResult`` (its `EvalResult.curve`) or
             ``model name -> (eps, means, ci95s)`` with ε in [0, 1] units and accuracies in
             [0, 1]. A ``nan`` CI (one task) draws no band.
         path: output stem (``"fig/ra"`` writes ``fig/ra.png`` and ``fig/ra.svg``), or a

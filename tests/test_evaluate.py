@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib
 import math
 import warnings
 
@@ -14,7 +15,6 @@ import torch.nn.functional as F
 import torchattacks
 from torch import nn
 
-import robust_meta.evaluate as ev
 from robust_meta.anil import ANILHead
 from robust_meta.data import Task
 from robust_meta.evaluate import (
@@ -26,6 +26,9 @@ from robust_meta.evaluate import (
     finetune,
     metric_name,
 )
+
+# The package re-exports the function ``evaluate``, which shadows the submodule attribute.
+ev = importlib.import_module("robust_meta.evaluate")
 
 # ----------------------------------------------------------------------------- helpers
 
