@@ -51,7 +51,7 @@ def test_demo_quick_end_to_end_writes_results_and_plot(tmp_path, capsys):
             assert 0 <= metric["mean"] <= 1 and metric["ci95"] >= 0
         assert m["ra"]["mean"] <= m["sa"]["mean"] + 1e-9
     s = doc["settings"]
-    assert s["test_tasks"] == 12 and s["split"].startswith("test") and s["eps"] == 0.15
+    assert s["test_tasks"] == 12 and s["split"].startswith("test") and s["eps"] == 0.1
     assert s["per_method"]["rmaml-out"]["attack"] == "fgsm"
     png = (out / "ra_vs_eps.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
