@@ -23,6 +23,9 @@ from robust_meta.train import (
     train,
 )
 
+# Tiny runs on a few validation images trip the catastrophic-overfitting watch by chance.
+pytestmark = pytest.mark.filterwarnings("ignore:step .*catastrophic overfitting:RuntimeWarning")
+
 # A tiny run: 3-way 1-shot digits, 4-channel Conv4, 2 tasks a batch, first order.
 TINY = dict(
     method="rmaml-out", attack="fgsm", dataset="digits", ways=3, shots=1, queries=2, meta_batch=2,
