@@ -440,9 +440,9 @@ def vmap_vs_loop(model, tasks, device, *, warmup: int, steps: int, first_order: 
 
 
 def eval_throughput(model, tasks, device, *, reps: int) -> dict:
-    """Test tasks per second for S-FT 10 steps + PGD-10 (robust_meta.evaluate if present)."""
+    """Test tasks per second for S-FT 10 steps + PGD-10 (robust_meta.evaluation if present)."""
     try:
-        from robust_meta.evaluate import evaluate
+        from robust_meta.evaluation import evaluate
     except ImportError:
         evaluate = None
 
@@ -460,7 +460,7 @@ def eval_throughput(model, tasks, device, *, reps: int) -> dict:
                 call_model(model, adv, fast)
 
     r = time_fn(run_eval, device, warmup=1, steps=reps)
-    return {"path": "robust_meta.evaluate" if evaluate else "adapt+perturb", "n_tasks": len(tasks),
+    return {"path": "robust_meta.evaluation" if evaluate else "adapt+perturb", "n_tasks": len(tasks),
             "tasks_per_s": len(tasks) / r["median_s"], "median_s": r["median_s"],
             "flops_per_task": count_flops(run_eval) / len(tasks)}
 

@@ -25,7 +25,7 @@ from .data import (
     torchmeta_loader,
     torchmeta_tasks,
 )
-from .evaluate import EvalResult, EvalWarning, Metric, confidence_interval, evaluate
+from .evaluation import EvalResult, EvalWarning, Metric, confidence_interval, evaluate
 from .meta import MetaStepStats, RobustMetaUpdate
 from .models import Conv4, ResNet12, ResNet18, build_model
 from .params import ModelAt, call_features, call_head, call_model, named_params

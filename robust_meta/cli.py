@@ -290,7 +290,7 @@ def _eval_checkpoint(
     device: str = "auto", seed: int = 0, progress: bool = True,
 ):
     from .anil import ANILHead
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .presets import method_preset
     from .train import _device, build_task_sources, model_from_checkpoint, step_seed
 
@@ -341,7 +341,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _curves_from_file(path: Path) -> dict[str, Any]:
     """``name -> EvalResult or (eps, means, cis)`` from a demo results.json or an eval JSON."""
-    from .evaluate import EvalResult
+    from .evaluation import EvalResult
 
     if not path.is_file():
         raise UsageError(f"results file {str(path)!r} does not exist")
@@ -443,7 +443,7 @@ def run_demo(
         The ``results.json`` content: ``{"methods": {name: {"sa": {"mean", "ci95"},
         "ra": {"mean", "ci95"}, ...}}, "settings": {...}}``.
     """
-    from .evaluate import metric_name
+    from .evaluation import metric_name
     from .train import train
     from .visualize import plot_ra_vs_eps
 

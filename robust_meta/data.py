@@ -62,7 +62,7 @@ class Task:
 
 
 def as_task(obj: object) -> Task:
-    """A :class:`Task` from a Task, a ``(sx, sy, qx, qy[, unlabeled])`` tuple or a dict."""
+    """A `Task` from a Task, a ``(sx, sy, qx, qy[, unlabeled])`` tuple or a dict."""
     if isinstance(obj, Task):
         return obj
     if isinstance(obj, Mapping):
@@ -163,7 +163,7 @@ def split_classes(
         seed: seed of the shuffle (same seed, same split).
 
     Returns:
-        :class:`ClassSplits` ``(train, val, test)`` of sorted Python ints.
+        `ClassSplits` ``(train, val, test)`` of sorted Python ints.
 
     Raises:
         ValueError: bad fractions/counts, or a split that would get no class.
@@ -237,7 +237,7 @@ class UnlabeledPool:
     """Extra unlabeled images for TRADES / semi-supervised training, drawn per task.
 
     With ``keys`` (the **real** class id of each image, e.g. pseudo-labels of mined
-    STL-10 images), :meth:`draw` takes images of the task's own classes — ``Task.classes``,
+    STL-10 images), `draw` takes images of the task's own classes — ``Task.classes``,
     never the relative labels ``0..N-1`` (the authors' code indexed its pools by relative
     labels, so only N of its 64 pools were ever used). Without keys, images are drawn at
     random from the whole pool.
@@ -347,9 +347,9 @@ class TaskSampler:
         ways: classes per task N.
         shots: support images per class K.
         queries: query images per class.
-        classes: the classes to draw from (one split of :func:`split_classes`); default all.
+        classes: the classes to draw from (one split of `split_classes`); default all.
         unlabeled: unlabeled images per task (spread evenly over its classes).
-        unlabeled_pool: an :class:`UnlabeledPool` to draw them from.
+        unlabeled_pool: an `UnlabeledPool` to draw them from.
         seed: seed of the sampler's private generator; the same seed gives the same tasks.
             The global RNG is neither used nor advanced.
 
@@ -518,7 +518,7 @@ def digits_splits(seed: int = 0) -> ClassSplits:
         seed: which digits go where.
 
     Returns:
-        :class:`ClassSplits` (``._asdict()`` for a dict).
+        `ClassSplits` (``._asdict()`` for a dict).
     """
     return split_classes(torch.arange(10), counts=(4, 3, 3), seed=seed)
 
@@ -642,7 +642,7 @@ def torchmeta_dataset(
     """torchmeta's own few-shot dataset (helper + ``ClassSplitter``), after checking the folder.
 
     Args:
-        name: one of :data:`TORCHMETA_DATASETS` (``"omniglot"``, ``"miniimagenet"``,
+        name: one of `TORCHMETA_DATASETS` (``"omniglot"``, ``"miniimagenet"``,
             ``"cifar-fs"``, ``"fc100"``, ``"tieredimagenet"``, ``"cub"``).
         folder: the torchmeta root folder (holding e.g. ``miniimagenet/``).
         ways, shots, queries: N, K and query images per class.
@@ -698,11 +698,11 @@ def torchmeta_loader(
     download: bool = False,
     **kwargs: object,
 ) -> Any:
-    """torchmeta's ``BatchMetaDataLoader`` over :func:`torchmeta_dataset`.
+    """torchmeta's ``BatchMetaDataLoader`` over `torchmeta_dataset`.
 
     Each batch is torchmeta's ``{"train": (x, y), "test": (x, y)}`` with 5-D inputs; turn it
-    into :class:`Task` objects with :func:`iter_tasks`. Arguments as in
-    :func:`torchmeta_dataset`.
+    into `Task` objects with `iter_tasks`. Arguments as in
+    `torchmeta_dataset`.
 
     Raises:
         FileNotFoundError: the data is not in ``folder``.
@@ -744,7 +744,7 @@ def torchmeta_tasks(
     download: bool = False,
     **kwargs: object,
 ) -> list[Task]:
-    """``n_tasks`` reproducible :class:`Task` objects from a torchmeta dataset on disk.
+    """``n_tasks`` reproducible `Task` objects from a torchmeta dataset on disk.
 
     Classes are drawn with a private generator seeded by ``seed``; torchmeta's own random
     label assignment runs under a forked, seeded global RNG, so the same arguments give the
@@ -753,7 +753,7 @@ def torchmeta_tasks(
 
     Args:
         name, folder, ways, shots, queries, split, image_size, download, **kwargs: as in
-            :func:`torchmeta_dataset`.
+            `torchmeta_dataset`.
         n_tasks: how many tasks.
         seed: seed of the task stream.
 

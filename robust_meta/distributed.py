@@ -1,10 +1,10 @@
 """Data-parallel meta-training and evaluation with ``torch.distributed`` (no DDP wrapper).
 
-A meta-batch is a list of tasks; each rank takes a contiguous block of it (:func:`shard`),
+A meta-batch is a list of tasks; each rank takes a contiguous block of it (`shard`),
 adapts and computes the outer loss of its tasks, and the meta-gradients are summed across
-ranks (:func:`all_reduce_grads`) so that every rank holds exactly the gradient a single
+ranks (`all_reduce_grads`) so that every rank holds exactly the gradient a single
 process would compute on the whole meta-batch. Evaluation works the same way: each rank
-evaluates its block of test tasks and :func:`gather_results` puts the per-task results back
+evaluates its block of test tasks and `gather_results` puts the per-task results back
 in the original task order.
 
 Launch with ``torchrun`` (it sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``
@@ -183,12 +183,12 @@ def shard(items: Iterable[T], rank: int | None = None, world_size: int | None = 
     the current process group; a single process gets everything), so a single process can
     reproduce any rank's share by passing ``rank=``/``world_size=``. A rank may get an empty
     list when there are fewer items than ranks; it must still take part in
-    :func:`all_reduce_grads` and :func:`gather_results`.
+    `all_reduce_grads` and `gather_results`.
 
     Args:
         items: a sequence or any finite iterable (materialised into a list).
-        rank: defaults to :func:`get_rank`.
-        world_size: defaults to :func:`get_world_size`.
+        rank: defaults to `get_rank`.
+        world_size: defaults to `get_world_size`.
 
     Returns:
         ``list(items)[start:stop]`` with ``(start, stop) = shard_bounds(len(items), ...)``.
@@ -313,7 +313,7 @@ def gather_results(
     n_total: int | None = None,
     group: Any = None,
 ) -> list[T]:
-    """Per-item results of every rank's :func:`shard`, concatenated in the original order.
+    """Per-item results of every rank's `shard`, concatenated in the original order.
 
     Each rank passes the results of its own block (any picklable objects: floats, dicts,
     CPU tensors). Every rank receives the full list (``all_gather_object``). In a single
@@ -322,7 +322,7 @@ def gather_results(
     Args:
         local: this rank's results, one per item of ``shard(items)``, in that order.
         n_total: the expected total number of items; checked when given (also checks that
-            each rank's block has the length :func:`shard_bounds` gives it).
+            each rank's block has the length `shard_bounds` gives it).
         group: a process group (default: the world).
 
     Returns:
@@ -359,11 +359,11 @@ def evaluate_distributed(
     checks: bool = True,
     **kwargs: Any,
 ) -> Any:
-    """:func:`robust_meta.evaluate.evaluate` with the test tasks split across ranks.
+    """`robust_meta.evaluation.evaluate` with the test tasks split across ranks.
 
-    Each rank evaluates its :func:`shard` of ``tasks``; the per-task values of every metric
+    Each rank evaluates its `shard` of ``tasks``; the per-task values of every metric
     are gathered in the original task order and every rank returns the same
-    :class:`~robust_meta.evaluate.EvalResult` over all tasks (means and 95% intervals
+    `robust_meta.evaluation.EvalResult` over all tasks (means and 95% intervals
     recomputed from the gathered values; ``settings["world_size"]`` added,
     ``settings["elapsed_s"]`` is the slowest rank's time).
 
@@ -379,19 +379,19 @@ def evaluate_distributed(
 
     Args:
         model: the meta-model, identical on every rank (e.g. after
-            :func:`broadcast_parameters`).
+            `broadcast_parameters`).
         tasks: the test tasks, the same sequence on every rank (anything
-            :func:`robust_meta.iter_tasks` accepts; materialised into a list).
+            `robust_meta.iter_tasks` accepts; materialised into a list).
         seed: per-task seeding base (see above) or ``None``.
         checks: run the sanity checks.
-        **kwargs: every other option of :func:`robust_meta.evaluate.evaluate` (``eps`` is
+        **kwargs: every other option of `robust_meta.evaluation.evaluate` (``eps`` is
             required there). ``progress`` defaults to ``False`` off the main process.
 
     Returns:
-        :class:`robust_meta.evaluate.EvalResult` over all tasks, on every rank.
+        `robust_meta.evaluation.EvalResult` over all tasks, on every rank.
 
     Raises:
-        ValueError: no tasks; anything :func:`~robust_meta.evaluate.evaluate` raises.
+        ValueError: no tasks; anything `robust_meta.evaluation.evaluate` raises.
 
     Example:
         >>> init_from_env()
@@ -401,7 +401,7 @@ def evaluate_distributed(
     import time
     import warnings
 
-    from . import evaluate as _ev
+    from . import evaluation as _ev
     from .data import iter_tasks
 
     all_tasks = list(iter_tasks(tasks))

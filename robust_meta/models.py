@@ -7,8 +7,8 @@ Every model here:
 * has a body ``.features`` and a linear head ``.classifier`` (``nn.Linear``), with
   ``forward_features(x) -> (B, D)`` and ``forward_head(f) -> logits`` (timm convention),
   and ``forward(x) == forward_head(forward_features(x))``;
-* is a plain ``nn.Module`` that runs under :func:`torch.func.functional_call` (hence under
-  :func:`robust_meta.adapt`), with second-order gradients through batch norm;
+* is a plain ``nn.Module`` that runs under `torch.func.functional_call` (hence under
+  `robust_meta.adapt`), with second-order gradients through batch norm;
 * uses batch statistics in train mode (the MAML convention) and, with
   ``track_running_stats=True`` (default), running statistics in eval mode.
 """
@@ -252,7 +252,7 @@ class ResNet12(_Backbone):
             on a CPU).
         image_size: nominal input size (recorded; any size ≥ 1 works).
         normalize: ``(mean, std)`` applied inside the model, or ``None``.
-        track_running_stats: see :class:`Conv4`.
+        track_running_stats: see `Conv4`.
 
     Shape:
         ``(B, in_channels, H, W)`` → ``(B, n_classes)``; features ``(B, widths[-1])``.
@@ -328,7 +328,7 @@ class ResNet18(_Backbone):
             standard ResNet-18, 11M parameters).
         image_size: input size, used to choose the stem.
         normalize: ``(mean, std)`` applied inside the model, or ``None``.
-        track_running_stats: see :class:`Conv4`.
+        track_running_stats: see `Conv4`.
         small_input: force the CIFAR stem (True) or the ImageNet stem (False).
 
     Shape:
@@ -399,7 +399,7 @@ def build_model(
     """A backbone by name: ``"conv4"``, ``"resnet12"`` or ``"resnet18"`` (case-insensitive).
 
     Args:
-        name: a name from :data:`MODELS`, or an ``nn.Module`` subclass taking the same
+        name: a name from `MODELS`, or an ``nn.Module`` subclass taking the same
             keyword arguments.
         in_channels: image channels.
         n_classes: ways N.

@@ -3,7 +3,7 @@
 A *method preset* says which knobs of the one objective (paper eq. 3 and 4) a named method
 turns: the robustness regularizer and its weights γ_out / γ_in, head-only fine-tuning
 (ANIL), the contrastive weight γ_CL, unlabeled images. A *dataset preset* gives the
-paper's settings for a benchmark (image size, ε, shots, ...). :class:`robust_meta.train.TrainConfig`
+paper's settings for a benchmark (image size, ε, shots, ...). `robust_meta.train.TrainConfig`
 fills every option left unset from these two tables.
 
 Example:

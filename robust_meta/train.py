@@ -1,8 +1,8 @@
 """A complete meta-training loop for every method, with checkpoints, resume and logs.
 
-:func:`train` runs MAML / R-MAML_out / R-MAML_both / AQ / ANIL / CL / TRADES(+unlabeled)
-from one :class:`TrainConfig` (see :mod:`robust_meta.presets`), on the core pieces
-(:func:`robust_meta.adapt`, :class:`robust_meta.RobustMetaUpdate`, :class:`robust_meta.ANILHead`).
+`train` runs MAML / R-MAML_out / R-MAML_both / AQ / ANIL / CL / TRADES(+unlabeled)
+from one `TrainConfig` (see `robust_meta.presets`), on the core pieces
+(`robust_meta.adapt`, `robust_meta.RobustMetaUpdate`, `robust_meta.ANILHead`).
 It is what ``robust-meta train`` and ``robust-meta demo`` call.
 
 **Reproducibility and resume.** The randomness of meta-step ``s`` (its task batch, attack
@@ -19,7 +19,7 @@ clean accuracy plus PGD robust accuracy at the training ε, after standard fine-
 ``"sa"``, ``"ra"`` or ``"last"``.
 
 **Catastrophic overfitting.** When the training attack is one-step (FGSM), validation also
-measures the FGSM robust accuracy; :class:`OverfittingMonitor` flags (``warnings.warn`` and
+measures the FGSM robust accuracy; `OverfittingMonitor` flags (``warnings.warn`` and
 the ``catastrophic_overfitting`` log field) a collapse of PGD accuracy while the FGSM one
 holds or rises (Wong et al., "Fast is better than free", ICLR 2020).
 
@@ -94,9 +94,9 @@ class CheckpointError(ValueError):
 class TrainConfig:
     """Everything that defines a training run; ``None`` fields come from the presets.
 
-    Call :meth:`resolved` to fill them from the method preset
-    (:data:`robust_meta.presets.METHOD_PRESETS`) and the dataset preset
-    (:data:`robust_meta.presets.DATASET_PRESETS`). The resolved config is what checkpoints
+    Call `resolved` to fill them from the method preset
+    (`robust_meta.presets.METHOD_PRESETS`) and the dataset preset
+    (`robust_meta.presets.DATASET_PRESETS`). The resolved config is what checkpoints
     store, as a plain dict.
 
     Attributes:
@@ -116,7 +116,7 @@ class TrainConfig:
         attack_steps, attack_step_size: training attack iterations and step (defaults:
             10 and 2.5ε/steps for PGD; 1 step of 1.25ε for FGSM).
         eval_attack_steps: PGD steps of the validation attack.
-        gamma_out, gamma_in, gamma_cl: weights (see :class:`robust_meta.presets.MethodPreset`).
+        gamma_out, gamma_in, gamma_cl: weights (see `robust_meta.presets.MethodPreset`).
         unlabeled: unlabeled images per task for TRADES.
         eval_every: meta-steps between validations (the last step is always validated).
         save_every: meta-steps between ``last.pt`` checkpoints (default: ``eval_every``).
@@ -231,7 +231,8 @@ class TrainConfig:
         """Check types and ranges of the set options.
 
         Raises:
-            ValueError / TypeError naming the bad option and value.
+            ValueError: an option out of range (the message names the option and value).
+            TypeError: an option of the wrong type.
         """
         method_preset(self.method)
         dataset_preset(self.dataset)
@@ -410,7 +411,7 @@ def save_checkpoint(
     rng: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (see :func:`atomic_save`).
+    """Write a checkpoint atomically (see `atomic_save`).
 
     The file holds only tensors and primitive types, so it loads with
     ``torch.load(..., weights_only=True)``.
@@ -506,7 +507,7 @@ def _check_model_matches(model: nn.Module, ckpt: Mapping[str, Any], path: str | 
 
 
 def build_model_for(config: TrainConfig) -> nn.Module:
-    """The model a (resolved) config describes, from :func:`robust_meta.models.build_model`."""
+    """The model a (resolved) config describes, from `robust_meta.models.build_model`."""
     from .models import build_model
 
     width = {"conv4": {"hidden": config.hidden}, "resnet18": {"width": config.hidden}}.get(config.model, {})
@@ -526,7 +527,7 @@ def model_from_checkpoint(
         mode (MAML convention: batch statistics).
 
     Raises:
-        FileNotFoundError, CheckpointError: see :func:`load_checkpoint`; also when the stored
+        FileNotFoundError, CheckpointError: see `load_checkpoint`; also when the stored
             weights do not fit the model its config describes.
     """
     ckpt = load_checkpoint(path)
@@ -559,7 +560,7 @@ class _TaskSource:
 def build_task_sources(config: TrainConfig) -> dict[str, _TaskSource]:
     """``{"train", "val", "test"}`` task sources for a resolved config (disjoint classes).
 
-    ``digits`` uses :func:`robust_meta.data.digits_splits` (4 / 3 / 3 classes); a
+    ``digits`` uses `robust_meta.data.digits_splits` (4 / 3 / 3 classes); a
     ``tensor:PATH`` dataset is split 60 / 20 / 20 % of its classes with seed 0; torchmeta
     datasets use their own meta-train / meta-val / meta-test splits.
 
@@ -828,14 +829,14 @@ def train(
     """Meta-train ``config.method`` and return the path of the selected checkpoint.
 
     Each meta-step samples ``meta_batch`` training tasks, adapts the model on each support
-    set (:func:`robust_meta.adapt`, or :class:`robust_meta.ANILHead` for ``anil``; with the
+    set (`robust_meta.adapt`, or `robust_meta.ANILHead` for ``anil``; with the
     AT inner term for ``rmaml-both``), adds the outer loss of
-    :class:`robust_meta.RobustMetaUpdate` on the query set, and takes one Adam step on the
+    `robust_meta.RobustMetaUpdate` on the query set, and takes one Adam step on the
     mean. Every ``eval_every`` steps (and at the last step) the model is scored on fixed
-    meta-validation tasks (:func:`validate`); the best by ``config.select`` is ``best.pt``.
+    meta-validation tasks (`validate`); the best by ``config.select`` is ``best.pt``.
 
     Args:
-        config: the run (unset options come from the presets, see :meth:`TrainConfig.resolved`).
+        config: the run (unset options come from the presets, see `TrainConfig.resolved`).
         out_dir: folder for checkpoints and logs (created).
         resume: continue from ``out_dir/last.pt`` (bitwise the same result as an uninterrupted
             run on the CPU). Without a checkpoint there, training starts from scratch.

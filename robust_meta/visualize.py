@@ -20,7 +20,7 @@ from ._checks import check_pixels, check_steps
 from .params import FeatureSpec, call_features, named_params, preserved_buffers
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .evaluate import EvalResult
+    from .evaluation import EvalResult
 
 __all__ = ["feature_inversion", "plot_ra_vs_eps", "save_image_grid"]
 

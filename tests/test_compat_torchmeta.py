@@ -303,7 +303,7 @@ def test_torchmeta_tasks_are_reproducible_and_name_their_real_classes(tm_root):
 
 
 def test_evaluate_on_torchmeta_tasks(tm_root):
-    evaluate_mod = pytest.importorskip("robust_meta.evaluate")
+    evaluate_mod = pytest.importorskip("robust_meta.evaluation")
     from robust_meta.models import Conv4
 
     tasks = torchmeta_tasks("omniglot", tm_root, ways=3, shots=1, queries=2, split="val", n_tasks=2, seed=0)

@@ -284,7 +284,7 @@ def test_two_process_evaluate_distributed_equals_single_process(two_process_run,
     """evaluate_distributed on 2 ranks: same per-task values as 1 process, in task order."""
     import torchattacks
 
-    from robust_meta.evaluate import evaluate
+    from robust_meta.evaluation import evaluate
 
     tmp_path = two_process_run(n_tasks)
     model = make_model()

@@ -1,4 +1,4 @@
-"""robust_meta.evaluate: SA/RA protocol, closed-form checks, CI, sanity warnings, export."""
+"""robust_meta.evaluation: SA/RA protocol, closed-form checks, CI, sanity warnings, export."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from robust_meta.anil import ANILHead
 from robust_meta.data import Task
-from robust_meta.evaluate import (
+from robust_meta.evaluation import (
     EvalResult,
     EvalWarning,
     Metric,
@@ -28,7 +28,7 @@ from robust_meta.evaluate import (
 )
 
 # The package re-exports the function ``evaluate``, which shadows the submodule attribute.
-ev = importlib.import_module("robust_meta.evaluate")
+ev = importlib.import_module("robust_meta.evaluation")
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from robust_meta.adapt import adapt
-from robust_meta.evaluate import EvalResult, Metric, metric_name
+from robust_meta.evaluation import EvalResult, Metric, metric_name
 from robust_meta.params import call_features
 from robust_meta.visualize import feature_inversion, plot_ra_vs_eps, save_image_grid
 

@@ -55,7 +55,7 @@ _APPLIED: list[str] = []
 
 
 def patches_applied() -> tuple[str, ...]:
-    """Names of the patches installed so far by :func:`patch_torchmeta` (for diagnostics)."""
+    """Names of the patches installed so far by `patch_torchmeta` (for diagnostics)."""
     return tuple(_APPLIED)
 
 
