@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from .adapt import adapt
 from .anil import ANILHead
 from .attacks import ATTACKS, perturb
+from . import distributed as dist_
 from .data import Task
 from .meta import RobustMetaUpdate
 from .params import call_model, preserved_buffers
@@ -903,10 +904,16 @@ def _train(
             "overwrite=True to start again"
         )
 
+    # torchrun: tasks of each meta-batch are sharded across ranks and the meta-gradient is
+    # all-reduced; without torchrun this is one process (rank 0 of 1).
+    rank, world = dist_.init_from_env()
+    main_process = rank == 0
     sources = build_task_sources(config)
     _seed_all(step_seed(config.seed, "init"))
     model = build_model_for(config).to(device)
     model.train()
+    if world > 1:
+        dist_.broadcast_parameters(model)
     update, inner_reg, anil, aux = _build_objective(model, config)
     if aux is not None:
         aux.to(device)
@@ -935,12 +942,14 @@ def _train(
         if ckpt.get("rng"):
             _set_rng_state(ckpt["rng"])
         records = _read_log(log_path, start)
-        _atomic_write_text("".join(json.dumps(r) + "\n" for r in records), log_path)
-    else:
+        if main_process:
+            _atomic_write_text("".join(json.dumps(r) + "\n" for r in records), log_path)
+    elif main_process:
         for p in (log_path, csv_path, best_path):
             if p.exists():
                 p.unlink()
-    _atomic_write_text(json.dumps(config.to_dict(), indent=2, default=_json_default) + "\n", out / "config.json")
+    if main_process:  # only rank 0 writes files
+        _atomic_write_text(json.dumps(config.to_dict(), indent=2, default=_json_default) + "\n", out / "config.json")
 
     def save_last(step: int) -> None:
         save_checkpoint(
@@ -950,7 +959,7 @@ def _train(
         )
 
     bar = None
-    if progress:
+    if progress and main_process:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.meta_steps, initial=start, desc=config.method, dynamic_ncols=True)
@@ -959,13 +968,18 @@ def _train(
     dirty = False  # ...unless a later optimizer step has run and its bookkeeping has not finished
     saved = start if ckpt is not None else -1
     try:
-        with open(log_path, "a", encoding="utf-8") as log_file:
+        with open(log_path if main_process else os.devnull, "a", encoding="utf-8") as log_file:
             for step in range(start + 1, config.meta_steps + 1):
                 _seed_all(step_seed(config.seed, step))
-                tasks = [t.to(device) for t in sources["train"].sample(config.meta_batch, step_seed(config.seed, f"tasks:{step}"))]
+                tasks = sources["train"].sample(config.meta_batch, step_seed(config.seed, f"tasks:{step}"))
+                lo, hi = dist_.shard_bounds(len(tasks), rank, world)
                 optimizer.zero_grad(set_to_none=True)
                 rows = []
-                for task in tasks:
+                for i in range(lo, hi):
+                    # Each task's attack randomness depends on (seed, step, task) only, so a
+                    # sharded run computes exactly what one process computes.
+                    _seed_all(step_seed(config.seed, f"task:{step}:{i}"))
+                    task = tasks[i].to(device)
                     if anil is not None:
                         fast = anil.adapt(task.support_x, task.support_y, steps=config.inner_steps,
                                           step_size=config.inner_lr, first_order=config.first_order)
@@ -975,15 +989,17 @@ def _train(
                                      regularizer=inner_reg, gamma_in=config.gamma_in or 0.0)
                     unl = task.unlabeled if config.unlabeled else None
                     loss = update(task.query_x, task.query_y, params=fast, unlabeled=unl)
-                    (loss / len(tasks)).backward()
+                    loss.backward()
                     rows.append(update.last.as_dict())
+                # Sum over this rank's tasks -> mean over the whole meta-batch on every rank.
+                dist_.all_reduce_grads(params, average_over=len(tasks))
                 dirty = True
                 optimizer.step()
-                stats = _mean_stats(rows)
+                stats = _mean_stats(rows) if rows else {}  # a rank may hold no task
                 rec: dict[str, Any] = {"step": step}
                 rec.update(stats)
 
-                if step % config.eval_every == 0 or step == config.meta_steps:
+                if main_process and (step % config.eval_every == 0 or step == config.meta_steps):
                     with _forked_rng(step_seed(config.seed, f"val:{step}"), device):
                         val = validate(model, val_tasks, eps=config.eps, steps=config.test_inner_steps,
                                        step_size=config.inner_lr, attack_steps=config.eval_attack_steps,
@@ -1008,12 +1024,12 @@ def _train(
                         save_checkpoint(best_path, model=model, config=config, step=step,
                                         aux=aux, extra={"val": val, "score": score, "select": config.select})
                 rec["time"] = round(time.perf_counter() - t0, 3)
-                if step % config.log_every == 0 or "val_score" in rec:
+                if main_process and (step % config.log_every == 0 or "val_score" in rec):
                     clean = _clean_json(rec)
                     records.append(clean)
                     log_file.write(json.dumps(clean) + "\n")
                     log_file.flush()
-                if step % config.save_every == 0 or step == config.meta_steps:
+                if main_process and (step % config.save_every == 0 or step == config.meta_steps):
                     save_last(step)
                     saved = step
                     _write_csv(records, csv_path)
@@ -1030,13 +1046,16 @@ def _train(
                 if callback is not None:
                     callback(step, rec)
     except KeyboardInterrupt:
-        if not dirty and completed > saved:
-            save_last(completed)
-        _write_csv(records, csv_path)
+        if main_process:
+            if not dirty and completed > saved:
+                save_last(completed)
+            _write_csv(records, csv_path)
         raise
     finally:
         if bar is not None:
             bar.close()
+    if not main_process:
+        return best_path
     _write_csv(records, csv_path)
     if not best_path.exists():  # meta_steps == 0 or resumed after the end
         save_checkpoint(best_path, model=model, config=config, step=completed, aux=aux,
