@@ -51,10 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed as dist_
 from .adapt import adapt
 from .anil import ANILHead
 from .attacks import ATTACKS, perturb
-from . import distributed as dist_
 from .data import Task
 from .meta import RobustMetaUpdate
 from .params import call_model, preserved_buffers
