@@ -202,7 +202,7 @@ def test_gamma_inf_is_the_adversarial_loss_by_hand(digit_tasks):
     for a, b in zip(g_w, g_h):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     clean = maml_outer_loss(model, digit_tasks, None)
-    assert float(wrapped) > float(clean)  # the attack does raise the loss
+    assert float(wrapped.detach()) > float(clean.detach())  # the attack does raise the loss
 
 
 def test_positive_gamma_changes_the_meta_gradient(digit_tasks):
