@@ -203,27 +203,29 @@ class RobustMetaUpdate:
             clean = self.loss_fn(logits, targets)
 
         nan = torch.tensor(float("nan"))
+        if unlabeled is not None and self.gamma_out == 0:
+            raise ValueError("unlabeled images are only used by a robust term (gamma_out > 0)")
         if not needs_attack:
-            if unlabeled is not None:
-                raise ValueError("unlabeled images are only used by a robust term (gamma_out > 0)")
             self.last = MetaStepStats(clean.detach(), clean.detach(), nan, torch.zeros(()),
                                       _accuracy(logits, targets), nan)
             return clean
 
-        reg = self.regularizer(model, params, inputs, targets, logits=logits, loss_fn=self.loss_fn,
-                               unlabeled=unlabeled)
-        if self.is_aq:
-            total = reg.value
-        elif self.gamma_out > 0:
-            total = clean + self.gamma_out * reg.value
+        if self.gamma_out > 0:
+            reg = self.regularizer(model, params, inputs, targets, logits=logits,
+                                   loss_fn=self.loss_fn, unlabeled=unlabeled)
+            total = reg.value if self.is_aq else clean + self.gamma_out * reg.value
+            adv_inputs, robust, adv_acc = reg.adv_inputs, reg.value.detach(), _accuracy(reg.adv_logits, targets)
         else:
-            total = clean
+            # Only the auxiliary term needs the adversarial view: attack, but skip R.
+            label = targets if self.regularizer.objective == "ce" else None
+            adv_inputs = self.regularizer.adversarial(model, params, inputs, label)
+            total, robust, adv_acc = clean, nan, nan
         aux_value = torch.zeros((), device=total.device, dtype=total.dtype)
         if self.aux is not None:
-            aux_value = self.aux(model, params, inputs, reg.adv_inputs)
+            aux_value = self.aux(model, params, inputs, adv_inputs)
             total = total + aux_value
         self.last = MetaStepStats(
-            total.detach(), clean.detach(), reg.value.detach(), aux_value.detach(),
-            _accuracy(logits, targets), _accuracy(reg.adv_logits, targets),
+            total.detach(), clean.detach(), robust, aux_value.detach(),
+            _accuracy(logits, targets), adv_acc,
         )
         return total

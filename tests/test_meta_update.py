@@ -193,3 +193,29 @@ def test_cloned_learner_style_loop_via_model_override():
     torch.manual_seed(0)
     b = robust(qx, qy, params=fast)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_aux_only_attacks_without_computing_the_robust_term():
+    """gamma_out=0 with an aux: the aux sees adversarial inputs; R is never evaluated."""
+    model, tasks = tiny_net(), make_tasks(n=1)
+    sx, sy, qx, qy = tasks[0]
+    seen, calls = [], []
+
+    class Reg(ATRegularizer):
+        def __call__(self, *a, **k):
+            calls.append(1)
+            return super().__call__(*a, **k)
+
+    def aux(model, params, inputs, adv_inputs):
+        seen.append((inputs, adv_inputs))
+        return torch.tensor(0.5)
+
+    fast = adapt(model, sx, sy, steps=1, step_size=0.1)
+    r = RobustMetaUpdate(F.cross_entropy, model, regularizer=Reg("fgsm", eps=0.1), gamma_out=0, aux=aux)
+    out = r(qx, qy, fast)
+    clean = F.cross_entropy(torch.func.functional_call(model, fast, (qx,)), qy)
+    torch.testing.assert_close(out, clean + 0.5)
+    assert not calls
+    x, adv = seen[0]
+    assert 0 < (adv - x).abs().max() <= 0.1 + 1e-6
+    assert math.isnan(r.last.as_dict()["robust_loss"])
