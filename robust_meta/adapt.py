@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -87,7 +88,8 @@ def adapt(
             previous ``adapt`` to continue from it.
         loss_fn: ``loss_fn(logits, targets) -> scalar``; default cross-entropy.
         regularizer: robustness term R for the inner loop (e.g. ``ATRegularizer``).
-        gamma_in: its weight γ_in; 0 disables it.
+        gamma_in: its weight γ_in; 0 disables it; ``float("inf")`` fine-tunes on the
+            adversarial loss alone (AQ-style adversarial fine-tuning; AT regularizer only).
 
     Returns:
         ``dict[str, Tensor]`` of all parameters (adapted or not), usable as
@@ -116,12 +118,21 @@ def adapt(
         raise ValueError("params is empty: there is nothing to adapt")
     names = list(start)
     lrs = _step_sizes(step_size, names)
+    gamma_in = float(gamma_in)
     if gamma_in and regularizer is None:
         raise ValueError("gamma_in > 0 needs a regularizer (e.g. ATRegularizer(attack='pgd', eps=...))")
-    if gamma_in < 0:
-        raise ValueError(f"gamma_in must be >= 0, got {gamma_in}")
+    if math.isnan(gamma_in) or gamma_in < 0:
+        raise ValueError(f"gamma_in must be >= 0 (or inf), got {gamma_in}")
+    adversarial_only = math.isinf(gamma_in)
+    if adversarial_only and regularizer.objective != "ce":
+        raise ValueError("gamma_in=inf (adversarial loss alone) needs the AT regularizer")
 
     def loss_at(fast: Params, k: int) -> Tensor:
+        if adversarial_only:
+            if k == 0:
+                with torch.no_grad():
+                    check_labels(call_model(model, inputs, fast), targets)
+            return regularizer(model, fast, inputs, targets, loss_fn=loss_fn).value
         logits = call_model(model, inputs, fast)
         if k == 0:
             check_labels(logits, targets)

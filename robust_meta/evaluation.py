@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_eps, check_steps
-from .adapt import LossFn, StepSize, _step_sizes, adapt, inner_loop
+from .adapt import LossFn, StepSize, adapt
 from .anil import ANILHead
 from .attacks import ATTACKS, AttackLike, _base_class, perturb
 from .data import Task, iter_tasks
@@ -342,18 +342,6 @@ def finetune(
     if isinstance(lr, Mapping) and anil is not None:
         lr = {n: v for n, v in lr.items() if n in anil.head_names}
     att_steps, att_lr = _attack_steps(attack, attack_steps, attack_step_size)
-    if math.isinf(gamma):
-        steps = check_steps(steps)
-        loss_fn_ = F.cross_entropy if loss_fn is None else loss_fn
-        start = named_params(model)
-        lrs = _step_sizes(lr, list(start))
-
-        def loss_at(fast: Params, k: int) -> Tensor:
-            adv = perturb(attack, model, inputs, targets, params=fast, eps=eps, steps=att_steps,
-                          step_size=att_lr)
-            return loss_fn_(call_model(model, adv, fast), targets)
-
-        return inner_loop(start, lrs, steps, first_order, loss_at)
     reg = ATRegularizer(attack, eps=eps, steps=att_steps, step_size=att_lr)
     return adapt(model, inputs, targets, steps=steps, step_size=lr, first_order=first_order,
                  loss_fn=loss_fn, regularizer=reg, gamma_in=gamma)
