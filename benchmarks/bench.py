@@ -48,7 +48,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from robust_meta import ANILHead, ATRegularizer, RobustMetaUpdate, TradesRegularizer, adapt, perturb
+from robust_meta import (
+    ANILHead,
+    ATRegularizer,
+    Conv4,
+    RobustMetaUpdate,
+    TradesRegularizer,
+    adapt,
+    perturb,
+)
 from robust_meta.params import call_model
 
 EPS = 2 / 255
@@ -59,40 +67,7 @@ K_TRAIN = 5
 # ----------------------------------------------------------------------------- model
 
 
-def _local_conv4(in_channels: int, n_classes: int, hidden: int, image_size: int) -> nn.Module:
-    """Stand-in with the API of robust_meta.models.Conv4 (used only if that is missing)."""
-
-    class Conv4(nn.Module):
-        def __init__(self):
-            super().__init__()
-            layers, c = [], in_channels
-            for _ in range(4):
-                layers += [nn.Conv2d(c, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(),
-                           nn.MaxPool2d(2)]
-                c = hidden
-            self.features = nn.Sequential(*layers, nn.Flatten())
-            s = image_size
-            for _ in range(4):
-                s //= 2
-            self.classifier = nn.Linear(hidden * s * s, n_classes)
-
-        def forward_features(self, x):
-            return self.features(x)
-
-        def forward_head(self, f):
-            return self.classifier(f)
-
-        def forward(self, x):
-            return self.forward_head(self.forward_features(x))
-
-    return Conv4()
-
-
 def build_conv4(in_channels: int, n_classes: int, hidden: int, image_size: int) -> tuple[nn.Module, str]:
-    try:
-        from robust_meta.models import Conv4
-    except ImportError:
-        return _local_conv4(in_channels, n_classes, hidden, image_size), "local stand-in Conv4"
     return Conv4(in_channels, n_classes, hidden, image_size=image_size), "robust_meta.models.Conv4"
 
 
