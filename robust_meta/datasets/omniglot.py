@@ -308,7 +308,7 @@ def omniglot_splits(
 
     Example:
         >>> omniglot_splits(data, counts=(5, 1, 2), seed=0).test
-        ('Japanese_(katakana)', 'Tagalog')
+        ('Early_Aramaic', 'Sanskrit')
     """
     alphabets = sorted(set(data.alphabets if isinstance(data, OmniglotDataset) else _alphabet_list(data, "data")))
     seed = _int_arg(seed, "seed", minimum=0)
