@@ -17,13 +17,11 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
 import re
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -35,6 +33,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .._io import atomic_write
 from ._tasks import TaskSampler, _int_arg, split_classes
 
 __all__ = [
@@ -569,26 +568,8 @@ def _read_cache(path: Path, key: str, image_size: int) -> dict[str, Any] | None:
         return None
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write `path` through a temporary file in the same folder, fsync'ed, then `os.replace`d."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+# temp file in the same folder, fsync, os.replace, fsync of the folder (shared with train/eval)
+_atomic_write = atomic_write
 
 
 def load_omniglot(
