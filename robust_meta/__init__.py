@@ -8,7 +8,7 @@ not imported here.
 from ._version import __version__
 from .adapt import adapt
 from .anil import ANILHead
-from .attacks import ATTACKS, TradesAttack, make_attack, perturb
+from .attacks import ATTACKS, PGDAttack, TradesAttack, linf_pgd, make_attack, perturb
 from .augment import Augment
 from .contrastive import ContrastiveAux, nt_xent
 from .data import (
@@ -45,6 +45,7 @@ __all__ = [
     "MetaStepStats",
     "Metric",
     "ModelAt",
+    "PGDAttack",
     "ResNet12",
     "ResNet18",
     "RobustMetaUpdate",
@@ -66,6 +67,7 @@ __all__ = [
     "evaluate",
     "feature_inversion",
     "iter_tasks",
+    "linf_pgd",
     "load_digits",
     "load_tensor_dataset",
     "make_attack",

@@ -23,7 +23,6 @@ Sanity checks modelled on AutoAttack's ``autoattack/checks.py`` append to
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
@@ -43,7 +42,7 @@ from torch import Tensor, nn
 from ._checks import check_eps, check_steps
 from .adapt import LossFn, StepSize, adapt
 from .anil import ANILHead
-from .attacks import ATTACKS, AttackLike, _base_class, perturb
+from .attacks import AttackLike, PGDAttack, _check_spec, is_torchattacks, perturb
 from .data import Task, iter_tasks
 from .params import Params, call_model, named_params, preserved_buffers
 from .regularizers import ATRegularizer
@@ -371,14 +370,13 @@ def _attack_label(spec: AttackLike) -> str:
 
 
 def _attack_table(attacks: Any) -> list[tuple[str, AttackLike]]:
-    base = _base_class()
     if isinstance(attacks, Mapping):
         items = []
         for label, spec in attacks.items():
             if not isinstance(label, str) or not label:
                 raise TypeError(f"attack labels must be non-empty strings, got {label!r}")
             items.append((label, spec))
-    elif isinstance(attacks, (str, type, base)):
+    elif isinstance(attacks, (str, PGDAttack)) or is_torchattacks(attacks):
         items = [(_attack_label(attacks), attacks)]
     elif isinstance(attacks, Iterable):
         items = [(_attack_label(a), a) for a in attacks]
@@ -391,14 +389,10 @@ def _attack_table(attacks: Any) -> list[tuple[str, AttackLike]]:
     if dup:
         raise ValueError(f"duplicate attack labels {dup}; pass a dict label -> attack")
     for label, spec in items:
-        if isinstance(spec, str):
-            if spec.lower() not in ATTACKS:
-                raise ValueError(f"unknown attack {spec!r}; choose from {', '.join(ATTACKS)}")
-        elif not (isinstance(spec, base) or (isinstance(spec, type) and issubclass(spec, base))):
-            raise TypeError(
-                f"attack {label!r} must be a name ({', '.join(ATTACKS)}), a torchattacks.Attack "
-                f"subclass or instance, got {type(spec).__name__}"
-            )
+        try:
+            _check_spec(spec)
+        except TypeError as err:
+            raise TypeError(f"attack {label!r}: {err}") from None
     return items
 
 
@@ -693,9 +687,7 @@ def evaluate(
                 for label, spec in table:
                     a_steps, a_lr = _attack_steps(spec, attack_steps, attack_step_size)
                     for e in eps_list:
-                        if not isinstance(spec, (str, type)) and hasattr(spec, "eps"):
-                            spec = copy.copy(spec)  # an attack instance: sweep its ε
-                            spec.eps = e
+                        # An attack instance is copied with its ε (sub-attacks' too) set to e.
                         adv = perturb(spec, model, task.query_x, task.query_y, params=fast, eps=e,
                                       steps=a_steps, step_size=a_lr, n_classes=ways, training=mode)
                         with torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_batch, check_labels, check_pixels
-from .attacks import AttackLike
+from .attacks import AttackLike, attack_eps
 from .params import call_model, named_params
 from .regularizers import ATRegularizer, RobustnessRegularizer
 
@@ -85,9 +85,12 @@ class RobustMetaUpdate:
         loss_fn: the user's outer loss, ``loss_fn(logits, targets) -> scalar``.
         model: the meta-model (plain ``nn.Module`` or torchmeta ``MetaModule``).
         attack: attack for the default AT regularizer: ``"pgd"``, ``"fgsm"`` (one step of
-            1.25ε from a uniform random start), ``"none"``, or a torchattacks attack.
+            1.25ε from a uniform random start), ``"none"``, a `robust_meta.PGDAttack`, or a
+            torchattacks attack class or instance (``[torchattacks]`` extra; an instance is
+            never modified).
         eps: ℓ∞ radius in [0, 1] pixel units (e.g. ``2/255``). Required unless
-            ``regularizer`` is given.
+            ``regularizer`` is given or ``attack`` is an instance carrying its own ε (then
+            ``None`` uses it, and a different value is refused with a ``ValueError``).
         gamma_out: weight γ_out of the robust term (paper: 0.2 for AT, 5 for TRADES);
             ``float("inf")`` for AQ.
         attack_steps: PGD iterations (default 10).
@@ -127,7 +130,7 @@ class RobustMetaUpdate:
         if math.isnan(gamma_out) or gamma_out < 0:
             raise ValueError(f"gamma_out must be >= 0 (or inf for AQ), got {gamma_out}")
         if regularizer is None:
-            if eps is None:
+            if eps is None and attack_eps(attack) is None:
                 raise ValueError("eps is required (in [0, 1] pixel units, e.g. eps=2/255) unless regularizer= is given")
             # The pixel check runs once in __call__, not again inside the attack.
             regularizer = ATRegularizer(

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_eps
-from .attacks import ATTACKS, AttackLike, perturb
+from .attacks import AttackLike, _check_spec, check_objective, perturb, resolve_eps
 from .params import call_model
 
 __all__ = ["ATRegularizer", "RegularizerOutput", "RobustnessRegularizer", "TradesRegularizer", "trades_kl"]
@@ -54,8 +53,11 @@ class RobustnessRegularizer:
     """Base class: holds the attack configuration; subclasses define the objective.
 
     Args:
-        attack: a name from `robust_meta.attacks.ATTACKS`, or a torchattacks attack.
-        eps: ℓ∞ radius in [0, 1] pixel units.
+        attack: a name from `robust_meta.attacks.ATTACKS`, a `robust_meta.PGDAttack`, or a
+            torchattacks attack class or instance (``[torchattacks]`` extra). An instance is
+            never modified: robust-meta attacks with a private copy.
+        eps: ℓ∞ radius in [0, 1] pixel units. With an attack instance, ``None`` means the
+            instance's own ε; a different value is refused (``ValueError``).
         steps: attack iterations (default 10 for ``"pgd"``, 1 for ``"fgsm"``).
         step_size: attack step (default ``2.5·eps/steps``; ``1.25·eps`` for ``"fgsm"``).
         check_inputs: validate that images lie in [0, 1] and are finite.
@@ -67,15 +69,15 @@ class RobustnessRegularizer:
         self,
         attack: AttackLike = "pgd",
         *,
-        eps: float,
+        eps: float | None = None,
         steps: int | None = None,
         step_size: float | None = None,
         check_inputs: bool = True,
     ):
-        if isinstance(attack, str) and attack.lower() not in ATTACKS:
-            raise ValueError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
+        _check_spec(attack)
+        check_objective(attack, self.objective)
         self.attack = attack.lower() if isinstance(attack, str) else attack
-        self.eps = check_eps(eps)
+        self.eps = resolve_eps(attack, eps)
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"attack steps must be an int >= 1, got {steps!r}")
         self.steps = steps
@@ -155,7 +157,9 @@ class TradesRegularizer(RobustnessRegularizer):
 
     Args:
         attack: ``"pgd"`` (multi-step KL ascent, default 10 steps) or ``"fgsm"`` (one step of
-            1.25ε from a uniform random start), or a torchattacks attack.
+            1.25ε from a uniform random start), a `robust_meta.TradesAttack`, or
+            ``torchattacks.TPGD``. Attacks on a labelled loss are refused (``ValueError``):
+            TRADES needs the KL ascent.
         eps: ℓ∞ radius in [0, 1] pixel units.
         steps, step_size, check_inputs: as in `RobustnessRegularizer`.
 

@@ -173,7 +173,7 @@ def test_gamma_zero_is_exactly_plain_maml(digit_tasks):
 def _fgsm_by_hand(model, params, x, y, eps):
     """FGSM from a uniform random start (Wong et al.), at detached adapted weights."""
     detached = OrderedDict((k, v.detach()) for k, v in params.items())
-    start = torch.clamp(x + torch.randn_like(x).uniform_(-eps, eps), 0, 1).requires_grad_(True)
+    start = torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps), 0, 1).requires_grad_(True)
     grad = torch.autograd.grad(F.cross_entropy(model(start, params=detached), y), start)[0]
     delta = torch.clamp(start.detach() + 1.25 * eps * grad.sign() - x, -eps, eps)
     return torch.clamp(x + delta, 0, 1)

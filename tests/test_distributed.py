@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_meta import RobustMetaUpdate, adapt, perturb
+from robust_meta import PGDAttack, RobustMetaUpdate, adapt, perturb
 from robust_meta.distributed import (
     all_reduce_grads,
     evaluate_distributed,
@@ -101,15 +101,15 @@ def meta_grads(model, tasks, indices, n_total):
     return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
 
 
+#: FGSM without a random start: a deterministic attack.
+FGSM0 = PGDAttack(eps=EPS, alpha=1.0, steps=1, random_start=None)
 EVAL_KW = dict(eps=[EPS, 3 * EPS], steps=3, step_size=0.1, attack_steps=3, progress=False)
 
 
 def library_evals(model, tasks):
     """evaluate_distributed twice: per-task seeded PGD, and a deterministic attack (FGSM)."""
-    import torchattacks
-
     seeded = evaluate_distributed(model, tasks, seed=5, **EVAL_KW)
-    deterministic = evaluate_distributed(model, tasks, attacks={"fgsm0": torchattacks.FGSM}, **EVAL_KW)
+    deterministic = evaluate_distributed(model, tasks, attacks={"fgsm0": FGSM0}, **EVAL_KW)
     return seeded, deterministic
 
 
@@ -282,15 +282,13 @@ def _values(d):
 @pytest.mark.parametrize("n_tasks", [3])
 def test_two_process_evaluate_distributed_equals_single_process(two_process_run, n_tasks):
     """evaluate_distributed on 2 ranks: same per-task values as 1 process, in task order."""
-    import torchattacks
-
     from robust_meta.evaluation import evaluate
 
     tmp_path = two_process_run(n_tasks)
     model = make_model()
     tasks = make_tasks(n_tasks)
     seeded_ref = evaluate_distributed(model, tasks, seed=5, **EVAL_KW).to_dict()
-    det_ref = evaluate(model, tasks, attacks={"fgsm0": torchattacks.FGSM}, **EVAL_KW).to_dict()
+    det_ref = evaluate(model, tasks, attacks={"fgsm0": FGSM0}, **EVAL_KW).to_dict()
     assert seeded_ref["settings"]["world_size"] == 1
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt")

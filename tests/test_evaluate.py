@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchattacks
 from torch import nn
 
 from robust_meta.anil import ANILHead
+from robust_meta.attacks import PGDAttack
 from robust_meta.data import Task
 from robust_meta.evaluation import (
     EvalResult,
@@ -178,9 +178,9 @@ def test_linear_two_class_ra_matches_closed_form():
     assert kinds == {(True, True), (True, False), (False, False)}
     assert exp_ra[4 / 255] != exp_ra[8 / 255]
     # PGD-10 (random start, 10 steps of 2.5 eps / 10) and FGSM without random start both
-    # reach the worst corner of a linear model; the FGSM instance's own eps (0.9) is
+    # reach the worst corner of a linear model; the FGSM-like instance's own eps (0.9) is
     # replaced by each eps of the sweep.
-    attacks = {"pgd": "pgd", "fgsm_inst": torchattacks.FGSM(model, eps=0.9)}
+    attacks = {"pgd": "pgd", "fgsm_inst": PGDAttack(eps=0.9, alpha=0.9, steps=1, random_start=None)}
     res = run(model, tasks, eps=sweep, steps=0, attacks=attacks, attack_steps=10, seed=0)
     assert res.metrics["sa"].values == pytest.approx(exp_sa, abs=1e-12)
     for e in sweep:
@@ -288,16 +288,12 @@ def test_same_seed_same_numbers_and_global_rng_restored():
 # ----------------------------------------------------------------------------- warnings
 
 
-class HelpfulAttack(torchattacks.attack.Attack):
+class HelpfulAttack(PGDAttack):
     """A fabricated 'attack' that moves inputs to lower the loss: RA > SA."""
 
-    def __init__(self, model, eps=8 / 255):
-        super().__init__("HelpfulAttack", model)
-        self.eps = eps
-
-    def forward(self, images, labels):
+    def __call__(self, images, labels):
         x = images.clone().detach().requires_grad_(True)
-        loss = F.cross_entropy(self.get_logits(x), labels)
+        loss = F.cross_entropy(self.model(x), labels)
         (g,) = torch.autograd.grad(loss, x)
         return (images - self.eps * g.sign()).clamp(0, 1).detach()
 
@@ -308,7 +304,7 @@ def test_warning_for_ra_above_sa_and_ra_rising_with_eps():
     with torch.no_grad():
         model[1].weight.normal_(0.0, 0.6)
     tasks = _linear_tasks(3, 64 / 255)
-    res = run(model, tasks, eps=[eps, 64 / 255], steps=0, attacks={"helpful": HelpfulAttack})
+    res = run(model, tasks, eps=[eps, 64 / 255], steps=0, attacks={"helpful": HelpfulAttack()})
     assert res.metrics["ra"].mean > res.metrics["sa"].mean
     assert any("above SA" in w for w in res.warnings)
     assert any("rises with ε" in w for w in res.warnings)

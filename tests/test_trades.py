@@ -9,21 +9,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import torchattacks
 from torch import nn
 
 from robust_meta import RobustMetaUpdate, TradesAttack, TradesRegularizer, adapt, perturb, trades_kl
 
 
-class ShiftAttack(torchattacks.attack.Attack):
+class ShiftAttack(TradesAttack):
     """Deterministic stand-in: x_adv = clamp(x + eps, 0, 1); labels ignored."""
 
-    def __init__(self, model, eps=0.1):
-        super().__init__("ShiftAttack", model)
-        self.eps = eps
-        self.supported_mode = ["default"]
-
-    def forward(self, images, labels=None):
+    def __call__(self, images, labels=None):
         return (images + self.eps).clamp(0, 1)
 
 
@@ -127,7 +121,7 @@ def test_trades_meta_gradient_reaches_meta_params_and_equals_hand_sum(first_orde
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     robust = RobustMetaUpdate(F.cross_entropy, model, gamma_out=gamma,
-                              regularizer=TradesRegularizer(ShiftAttack, eps=eps))
+                              regularizer=TradesRegularizer(ShiftAttack(eps=eps)))
     g_rob = meta_grads(lambda fast: robust(xq, yq, params=fast))
     g_maml = meta_grads(lambda fast: F.cross_entropy(call(model, fast, xq), yq))
     # Independent form of the same objective: CE + γ KL(p(x) ‖ p(shift(x))), written here.
@@ -160,7 +154,7 @@ def test_unlabeled_images_need_no_labels_and_enter_the_mean():
     xs, ys, xq, yq = task(dtype=torch.float64)
     unl = torch.rand(5, 1, 6, 6, dtype=torch.float64)
     eps = 0.1
-    reg = TradesRegularizer(ShiftAttack, eps=eps)
+    reg = TradesRegularizer(ShiftAttack(eps=eps))
     fast = adapt(model, xs, ys, steps=1, step_size=0.1)
 
     # No label is passed anywhere for the unlabeled images.
