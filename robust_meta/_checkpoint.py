@@ -11,6 +11,7 @@ resolved `robust_meta.train.TrainConfig` as a dict), ``model`` (its
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "CheckpointError",
     "atomic_save",
     "build_model_for",
+    "checkpoint_state",
     "load_checkpoint",
     "model_from_checkpoint",
     "save_checkpoint",
@@ -77,20 +79,44 @@ def save_checkpoint(
     Returns:
         The path written.
     """
+    state = checkpoint_state(model=model, config=config, step=step, optimizer=optimizer, aux=aux,
+                             rng=rng, extra=extra)
+    return atomic_save(state, path)
+
+
+def checkpoint_state(
+    *,
+    model: nn.Module,
+    config: TrainConfig | Mapping[str, Any],
+    step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    aux: nn.Module | None = None,
+    rng: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The dict `save_checkpoint` writes, as an in-memory snapshot (arguments as there).
+
+    Every tensor is a copy (model and aux on the CPU, optimizer state where it lives), so the
+    snapshot stays valid while training goes on; ``torch.save`` it (`atomic_save`) to get
+    the file `save_checkpoint` would have written at this moment.
+    """
     cfg = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
-    state = {
+    return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "step": int(step),
         "config": cfg,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": _cpu_copy(model.state_dict()),
         "signature": _signature(model),
-        "optimizer": None if optimizer is None else optimizer.state_dict(),
-        "aux": None if aux is None else {k: v.detach().cpu() for k, v in aux.state_dict().items()},
+        "optimizer": None if optimizer is None else copy.deepcopy(optimizer.state_dict()),
+        "aux": None if aux is None else _cpu_copy(aux.state_dict()),
         "rng": rng_state() if rng is None else dict(rng),
         "extra": dict(extra or {}),
     }
-    return atomic_save(state, path)
+
+
+def _cpu_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

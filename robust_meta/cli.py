@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 import types
@@ -32,6 +33,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from ._signals import Interrupted
 from .presets import DATASET_PRESETS, METHOD_PRESETS
 
 __all__ = ["DEMO_METHODS", "demo_config", "main", "parse_number", "run_demo"]
@@ -276,11 +278,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"{str(out)!r} already holds a run (last.pt): add --resume to continue it or --overwrite "
             "to start again"
         ) from None
-    except KeyboardInterrupt:
-        print(f"{PROG} train: interrupted; continue with --resume --out {out}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        from ._signals import exit_code
+
+        why = f" by {signal.Signals(err.signum).name}" if isinstance(err, Interrupted) else ""
+        print(f"{PROG} train: interrupted{why}; {_saved_step(out)}continue with --resume --out {out}",
+              file=sys.stderr)
+        return exit_code(err)
     print(f"best checkpoint: {best}")
     return 0
+
+
+def _saved_step(out: Path) -> str:
+    """``"last.pt holds step N; "`` for the interruption message (empty when unreadable)."""
+    from .train import load_checkpoint
+
+    try:
+        return f"last.pt holds step {load_checkpoint(out / 'last.pt')['step']}; "
+    except Exception:  # no checkpoint yet, or a damaged one: the resume will say so
+        return ""
 
 
 def _eval_checkpoint(
@@ -547,9 +563,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get("ROBUST_META_DEBUG", "") not in ("", "0")
     try:
         return _COMMANDS[args.command](args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        from ._signals import exit_code
+
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return exit_code(err)
     except (UsageError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError, ImportError) as err:
         if debug:
             raise

@@ -29,14 +29,16 @@ selected model), ``config.json``, ``log.jsonl`` and ``log.csv``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
+import signal
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,17 +56,19 @@ from ._checkpoint import (
     _check_model_matches,
     _signature,
     build_model_for,
+    checkpoint_state,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from ._io import atomic_save
+from ._io import atomic_save, remove_stale_temps
 from ._io import atomic_write_text as _atomic_write_text
 from ._rng import forked_rng as _forked_rng
 from ._rng import rng_state as _rng_state
 from ._rng import seed_all as _seed_all
 from ._rng import set_rng_state as _set_rng_state
 from ._rng import step_seed
+from ._signals import Interrupted, SignalGuard
 from ._train_config import RESUMABLE_CHANGES, SELECT, TrainConfig
 from ._train_config import resolve_device as _device
 from ._train_data import _array_sources, _TaskSource, _torchmeta_sources, build_task_sources
@@ -80,6 +84,7 @@ from .regularizers import ATRegularizer, TradesRegularizer
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "Interrupted",
     "OverfittingMonitor",
     "TrainConfig",
     "atomic_save",
@@ -131,7 +136,9 @@ def validate(
     sums = {"sa": 0.0, "ra": 0.0, "ra_fgsm": 0.0}
     try:
         with preserved_buffers(model):
-            for task in tasks:
+            for i, task in enumerate(tasks):
+                if i and _VALIDATION_HOOK:
+                    _VALIDATION_HOOK[-1]()
                 sx, sy, qx, qy = task.support_x, task.support_y, task.query_x, task.query_y
                 with torch.no_grad():
                     if anil is not None:
@@ -153,6 +160,18 @@ def validate(
     if one_step:
         out["ra_fgsm"] = sums["ra_fgsm"] / n
     return out
+
+
+_VALIDATION_HOOK: list[Callable[[], None]] = []  # fault injection between validation tasks
+
+
+@contextlib.contextmanager
+def _validation_hook(hook: Callable[[], None]) -> Iterator[None]:
+    _VALIDATION_HOOK.append(hook)
+    try:
+        yield
+    finally:
+        _VALIDATION_HOOK.remove(hook)
 
 
 def _acc(logits: Tensor, y: Tensor) -> float:
@@ -293,6 +312,17 @@ def train(
     mean. Every ``eval_every`` steps (and at the last step) the model is scored on fixed
     meta-validation tasks (`validate`); the best by ``config.select`` is ``best.pt``.
 
+    **Interruptions.** In the main thread, SIGINT and SIGTERM are handled alike (the previous
+    handlers are restored when `train` returns): the step in progress is discarded (or, if
+    the signal lands while an optimizer step, a log row or a checkpoint is being written,
+    that is finished first), the state at the end of the last completed step is written
+    (``log.jsonl``, ``log.csv``, ``best.pt``, ``last.pt``, all of the same step), and
+    `robust_meta._signals.Interrupted` (a ``KeyboardInterrupt``) is raised. A second
+    signal stops at once, like SIGKILL: then, as after SIGKILL, the files hold the last
+    regular checkpoint (every write is atomic) and ``resume`` repairs the rest (log rows
+    after it are dropped, ``best.pt`` is rewritten from ``last.pt``). Either way resuming
+    gives bitwise the run an uninterrupted one gives on the CPU.
+
     Args:
         config: the run (unset options come from the presets, see `TrainConfig.resolved`).
         out_dir: folder for checkpoints and logs (created).
@@ -302,7 +332,8 @@ def train(
         progress: show a tqdm progress bar with the live loss and accuracies.
         callback: called as ``callback(step, record)`` after every meta-step (``record`` is
             the log record, with validation metrics on validation steps). An exception it
-            raises stops training; a ``KeyboardInterrupt`` first saves ``last.pt``.
+            raises stops training; a ``KeyboardInterrupt`` first saves ``last.pt`` (at
+            ``step``).
 
     Returns:
         Path of ``best.pt``.
@@ -310,7 +341,9 @@ def train(
     Raises:
         ValueError: invalid config; FileExistsError: ``out_dir`` holds a run and neither
             ``resume`` nor ``overwrite`` is set; CheckpointError: ``last.pt`` is unreadable or
-            was written for another model or config; FileNotFoundError: missing data.
+            was written for another model or config; FileNotFoundError: missing data;
+            KeyboardInterrupt: SIGINT or SIGTERM (`robust_meta._signals.Interrupted`, with
+            its ``signum``) after the emergency checkpoint was written.
 
     Example:
         >>> best = train(TrainConfig(method="rmaml-out", attack="fgsm", meta_steps=200), out_dir="runs/x")
@@ -321,10 +354,92 @@ def train(
     config = config.resolved()
     caller_rng = _rng_state()
     try:
-        return _train(config, Path(out_dir), resume=resume, overwrite=overwrite, progress=progress,
-                      callback=callback)
+        with SignalGuard() as guard:
+            return _train(config, Path(out_dir), resume=resume, overwrite=overwrite, progress=progress,
+                          callback=callback, guard=guard)
     finally:
         _set_rng_state(caller_rng)  # the caller's random streams are left as they were
+
+
+# -- test-only fault injection -----------------------------------------------------------
+#: Environment variable of the fault-injection tests: ``SIGNAL@STEP:POINT`` (e.g.
+#: ``SIGTERM@5:backward``) sends ``SIGNAL`` to this process when meta-step ``STEP`` reaches
+#: ``POINT`` (see `_FAULT_POINTS`); ``sleep=SECONDS`` sleeps at every point instead (to widen
+#: the windows that randomly timed signals hit). Not for production use.
+FAULT_ENV = "ROBUST_META_FAULT_INJECT"
+_FAULT_POINTS = ("task", "backward", "optimizer", "validate", "log", "save", "boundary", "emergency")
+
+
+class _Faults:
+    """Parsed `FAULT_ENV`: comma-separated ``SIGNAL@STEP:POINT`` items, or ``sleep=SECONDS``."""
+
+    def __init__(self, spec: str) -> None:
+        self.sleep: float | None = None
+        self.items: list[tuple[int, int, str]] = []
+        for item in (t.strip() for t in spec.split(",")):
+            if not item:
+                continue
+            if item.startswith("sleep="):
+                self.sleep = float(item.split("=", 1)[1])
+                continue
+            try:
+                sig, rest = item.split("@", 1)
+                step, point = rest.split(":", 1)
+                signum = int(getattr(signal, sig.upper()))
+                self.items.append((signum, int(step), point))
+            except (ValueError, AttributeError) as err:
+                raise ValueError(f"{FAULT_ENV}={spec!r}: expected SIGNAL@STEP:POINT or sleep=SECONDS") from err
+            if point not in _FAULT_POINTS:
+                raise ValueError(f"{FAULT_ENV}: unknown point {point!r}; choose from {_FAULT_POINTS}")
+
+    def __call__(self, point: str, step: int) -> None:
+        if self.sleep:
+            time.sleep(self.sleep)
+        for item in self.items:
+            if item[1:] == (step, point):
+                self.items.remove(item)  # each fires once
+                os.kill(os.getpid(), item[0])
+                return
+
+
+# -- the loop ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Boundary:
+    """Everything ``last.pt`` holds at the end of one meta-step, copied in memory."""
+
+    state: dict[str, Any]  # the last.pt payload (see `robust_meta._checkpoint.checkpoint_state`)
+    n_records: int  # log rows up to this step
+    saved: bool  # last.pt on disk is this state
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return self.state["extra"].get("best")
+
+
+def _best_payload(model: nn.Module, config: TrainConfig, step: int, aux: nn.Module | None,
+                  val: Mapping[str, Any], score: float) -> dict[str, Any]:
+    """The ``best.pt`` content for the model as it is now (copied)."""
+    return checkpoint_state(model=model, config=config, step=step, aux=aux,
+                            extra={"val": dict(val), "score": score, "select": config.select})
+
+
+def _write_logs(records: list[dict[str, Any]], log_path: Path, csv_path: Path) -> None:
+    _atomic_write_text("".join(json.dumps(r) + "\n" for r in records), log_path)
+    _write_csv(records, csv_path)
+
+
+def _write_best(best: Mapping[str, Any] | None, best_path: Path) -> None:
+    if best is None:
+        if best_path.exists():
+            best_path.unlink()
+    else:
+        atomic_save(best, best_path)
 
 
 def _train(
@@ -335,11 +450,13 @@ def _train(
     overwrite: bool,
     progress: bool,
     callback: Callable[[int, dict[str, Any]], None] | None,
+    guard: SignalGuard,
 ) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out / "last.pt", out / "best.pt"
     log_path, csv_path = out / "log.jsonl", out / "log.csv"
     device = _device(config.device)
+    fault = _Faults(os.environ.get(FAULT_ENV, ""))
 
     ckpt = None
     if resume and last_path.exists():
@@ -381,6 +498,7 @@ def _train(
         val_tasks = [t.to(device) for t in sources["val"].sample(config.val_tasks, step_seed(config.seed, "val"))]
 
     start, best_score, best_step = 0, -math.inf, -1
+    best: dict[str, Any] | None = None  # the best.pt payload, kept in memory and inside last.pt
     monitor = OverfittingMonitor()
     records: list[dict[str, Any]] = []
     if ckpt is not None:
@@ -394,26 +512,62 @@ def _train(
         extra = ckpt.get("extra", {})
         best_score = float(extra.get("best_score", -math.inf))
         best_step = int(extra.get("best_step", -1))
+        best = extra.get("best")
         for pgd, fgsm in extra.get("monitor", []):
             monitor.update(pgd, fgsm)
         if ckpt.get("rng"):
             _set_rng_state(ckpt["rng"])
         records = _read_log(log_path, start)
+        want = extra.get("log_rows")
+        if want is not None and len(records) < int(want):
+            warnings.warn(
+                f"resume: {str(log_path)!r} holds {len(records)} rows up to step {start}, last.pt "
+                f"expects {want}: the log was changed outside robust-meta; its missing rows are lost",
+                RuntimeWarning, stacklevel=3,
+            )
         if main_process:
-            _atomic_write_text("".join(json.dumps(r) + "\n" for r in records), log_path)
+            # The files on disk may be ahead of last.pt (a kill after log rows or best.pt were
+            # written): make them agree with it again before going on.
+            with guard.critical():
+                remove_stale_temps(out, ("last.pt", "best.pt", "log.jsonl", "log.csv", "config.json"))
+                _write_logs(records, log_path, csv_path)
+                if "best" in extra:  # checkpoints of robust-meta < 0.1.1 lack it: keep best.pt
+                    _write_best(best, best_path)
     elif main_process:
-        for p in (log_path, csv_path, best_path):
-            if p.exists():
-                p.unlink()
+        with guard.critical():
+            remove_stale_temps(out, ("last.pt", "best.pt", "log.jsonl", "log.csv", "config.json"))
+            for p in (log_path, csv_path, best_path):
+                if p.exists():
+                    p.unlink()
     if main_process:  # only rank 0 writes files
-        _atomic_write_text(json.dumps(config.to_dict(), indent=2, default=_json_default) + "\n", out / "config.json")
+        with guard.critical():
+            _atomic_write_text(json.dumps(config.to_dict(), indent=2, default=_json_default) + "\n",
+                               out / "config.json")
 
-    def save_last(step: int) -> None:
-        save_checkpoint(
-            last_path, model=model, config=config, step=step, optimizer=optimizer, aux=aux,
-            extra={"best_score": best_score, "best_step": best_step,
-                   "monitor": [list(h) for h in monitor.history]},
-        )
+    def snapshot(step: int) -> _Boundary:
+        """The state at the end of ``step`` (what last.pt holds at that boundary)."""
+        extra = {"best_score": best_score, "best_step": best_step,
+                 "monitor": [list(h) for h in monitor.history], "best": best, "log_rows": len(records)}
+        state = checkpoint_state(model=model, config=config, step=step, optimizer=optimizer, aux=aux,
+                                 extra=extra)
+        return _Boundary(state, len(records), saved=False)
+
+    written_best: list[Any] = [best if ckpt is not None else None]
+
+    def flush(b: _Boundary, log_file: Any) -> None:
+        """Write the boundary ``b``: logs first, then best.pt, then last.pt (each atomic)."""
+        if log_file is not None:
+            log_file.flush()
+            os.fsync(log_file.fileno())
+        else:  # after an interruption: drop rows written after the boundary
+            _atomic_write_text("".join(json.dumps(r) + "\n" for r in records[: b.n_records]), log_path)
+        _write_csv(records[: b.n_records], csv_path)
+        if b.best is not written_best[0] or not best_path.exists():
+            _write_best(b.best, best_path)
+            written_best[0] = b.best
+        fault("save", b.step)
+        atomic_save(b.state, last_path)
+        b.saved = True
 
     bar = None
     if progress and main_process:
@@ -421,12 +575,13 @@ def _train(
 
         bar = tqdm(total=config.meta_steps, initial=start, desc=config.method, dynamic_ncols=True)
     t0 = time.perf_counter()
-    completed = start  # the model and optimizer hold the state after this step...
-    dirty = False  # ...unless a later optimizer step has run and its bookkeeping has not finished
-    saved = start if ckpt is not None else -1
+    boundary = snapshot(start) if main_process else None
+    if boundary is not None and ckpt is not None:
+        boundary.saved = True
     try:
         with open(log_path if main_process else os.devnull, "a", encoding="utf-8") as log_file:
             for step in range(start + 1, config.meta_steps + 1):
+                # -- the step's work: a signal here discards it (the boundary is untouched) --
                 _seed_all(step_seed(config.seed, step))
                 tasks = sources["train"].sample(config.meta_batch, step_seed(config.seed, f"tasks:{step}"))
                 lo, hi = dist_.shard_bounds(len(tasks), rank, world)
@@ -437,6 +592,8 @@ def _train(
                     # sharded run computes exactly what one process computes.
                     _seed_all(step_seed(config.seed, f"task:{step}:{i}"))
                     task = tasks[i].to(device)
+                    if i > lo:
+                        fault("task", step)
                     if anil is not None:
                         fast = anil.adapt(task.support_x, task.support_y, steps=config.inner_steps,
                                           step_size=config.inner_lr, first_order=config.first_order)
@@ -446,50 +603,59 @@ def _train(
                                      regularizer=inner_reg, gamma_in=config.gamma_in or 0.0)
                     unl = task.unlabeled if config.unlabeled else None
                     loss = update(task.query_x, task.query_y, params=fast, unlabeled=unl)
+                    fault("backward", step)
                     loss.backward()
                     rows.append(update.last.as_dict())
                 # Sum over this rank's tasks -> mean over the whole meta-batch on every rank.
                 dist_.all_reduce_grads(params, average_over=len(tasks))
-                dirty = True
-                optimizer.step()
+                with guard.critical():
+                    optimizer.step()
+                    fault("optimizer", step)
                 stats = _mean_stats(rows) if rows else {}  # a rank may hold no task
                 rec: dict[str, Any] = {"step": step}
                 rec.update(stats)
 
+                val = None
                 if main_process and (step % config.eval_every == 0 or step == config.meta_steps):
-                    with _forked_rng(step_seed(config.seed, f"val:{step}"), device):
+                    with _forked_rng(step_seed(config.seed, f"val:{step}"), device), \
+                            _validation_hook(lambda s=step: fault("validate", s)):
                         val = validate(model, val_tasks, eps=config.eps, steps=config.test_inner_steps,
                                        step_size=config.inner_lr, attack_steps=config.eval_attack_steps,
                                        one_step=config.one_step_attack, anil=anil)
-                    score = {"sa+ra": val["sa"] + val["ra"], "sa": val["sa"], "ra": val["ra"],
-                             "last": float(step)}[config.select]
-                    rec.update({f"val_{k}": v for k, v in val.items()})
-                    rec["val_score"] = score
-                    if config.one_step_attack:
-                        co = monitor.update(val["ra"], val["ra_fgsm"])
-                        rec["catastrophic_overfitting"] = co
-                        if co:
-                            warnings.warn(
-                                f"step {step}: catastrophic overfitting - validation PGD robust accuracy "
-                                f"fell to {val['ra']:.3f} (best {monitor.best_pgd:.3f}) while FGSM accuracy "
-                                f"is {val['ra_fgsm']:.3f}; consider a smaller FGSM step, more attack steps "
-                                "or the checkpoint selected before the collapse", RuntimeWarning, stacklevel=3,
-                            )
-                    rec["best"] = score > best_score
-                    if score > best_score:
-                        best_score, best_step = score, step
-                        save_checkpoint(best_path, model=model, config=config, step=step,
-                                        aux=aux, extra={"val": val, "score": score, "select": config.select})
-                rec["time"] = round(time.perf_counter() - t0, 3)
-                if main_process and (step % config.log_every == 0 or "val_score" in rec):
-                    clean = _clean_json(rec)
-                    records.append(clean)
-                    log_file.write(json.dumps(clean) + "\n")
-                    log_file.flush()
-                if main_process and (step % config.save_every == 0 or step == config.meta_steps):
-                    save_last(step)
-                    saved = step
-                    _write_csv(records, csv_path)
+
+                # -- bookkeeping, logs, checkpoint, boundary: a signal waits until it is done --
+                with guard.critical():
+                    if val is not None:
+                        score = {"sa+ra": val["sa"] + val["ra"], "sa": val["sa"], "ra": val["ra"],
+                                 "last": float(step)}[config.select]
+                        rec.update({f"val_{k}": v for k, v in val.items()})
+                        rec["val_score"] = score
+                        if config.one_step_attack:
+                            co = monitor.update(val["ra"], val["ra_fgsm"])
+                            rec["catastrophic_overfitting"] = co
+                            if co:
+                                warnings.warn(
+                                    f"step {step}: catastrophic overfitting - validation PGD robust accuracy "
+                                    f"fell to {val['ra']:.3f} (best {monitor.best_pgd:.3f}) while FGSM "
+                                    f"accuracy is {val['ra_fgsm']:.3f}; consider a smaller FGSM step, more "
+                                    "attack steps or the checkpoint selected before the collapse",
+                                    RuntimeWarning, stacklevel=3,
+                                )
+                        rec["best"] = score > best_score
+                        if score > best_score:
+                            best_score, best_step = score, step
+                            best = _best_payload(model, config, step, aux, val, score)
+                    rec["time"] = round(time.perf_counter() - t0, 3)
+                    if main_process and (step % config.log_every == 0 or "val_score" in rec):
+                        clean = _clean_json(rec)
+                        records.append(clean)
+                        log_file.write(json.dumps(clean) + "\n")
+                        log_file.flush()
+                        fault("log", step)
+                    if main_process:
+                        boundary = snapshot(step)
+                        if step % config.save_every == 0 or step == config.meta_steps:
+                            flush(boundary, log_file)
                 if bar is not None:
                     post = {"loss": f"{stats['loss']:.3f}", "acc": f"{stats['clean_acc']:.2f}"}
                     if not math.isnan(stats["adv_acc"]):
@@ -499,22 +665,24 @@ def _train(
                         post["val_ra"] = f"{rec['val_ra']:.2f}"
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
-                completed, dirty = step, False
+                fault("boundary", step)
                 if callback is not None:
                     callback(step, rec)
     except KeyboardInterrupt:
-        if main_process:
-            if not dirty and completed > saved:
-                save_last(completed)
-            _write_csv(records, csv_path)
+        # SIGINT/SIGTERM (Interrupted) or a KeyboardInterrupt from the callback: write the
+        # last step boundary, whatever the live model holds now.
+        if boundary is not None and not boundary.saved:
+            with guard.critical():
+                fault("emergency", boundary.step)
+                flush(boundary, None)
+            guard.pending = None
         raise
     finally:
         if bar is not None:
             bar.close()
     if not main_process:
         return best_path
-    _write_csv(records, csv_path)
     if not best_path.exists():  # meta_steps == 0 or resumed after the end
-        save_checkpoint(best_path, model=model, config=config, step=completed, aux=aux,
-                        extra={"val": {}, "score": best_score, "select": config.select})
+        with guard.critical():
+            _write_best(_best_payload(model, config, start, aux, {}, best_score), best_path)
     return best_path
