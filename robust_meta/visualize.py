@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,7 @@ def feature_inversion(
     step_size: float = 0.5,
     features: FeatureSpec = None,
     head: str | None = None,
+    mode: str = "eval",
     training: bool | None = None,
 ) -> Tensor:
     r"""Inverted input attribution maps (IAM): inputs that maximise one representation coordinate.
@@ -55,8 +57,24 @@ def feature_inversion(
     Solves paper eq. (S1), `\max_\delta r_i(x + \delta)` subject to
     `x + \delta \in [0, 1]` (Engstrom et al. 2019), by normalised gradient ascent in
     ℓ2 (each step moves every image by ``step_size`` in ℓ2 along its gradient, then clips to
-    [0, 1]). For each image the iterate with the largest activation is returned, so the
-    activation never ends below that of the seed.
+    [0, 1]).
+
+    **Mode and guarantee.** The activation is measured the way the images are returned, and
+    no returned image has a smaller activation than its seed image:
+
+    - ``mode="eval"`` (default): batch norm uses its running statistics (and dropout is
+      off), so each image's activation depends on that image alone. For each image the
+      iterate with the largest activation is returned.
+    - ``mode="train"``: batch norm normalises with the statistics of the batch, so an
+      image's activation depends on the whole batch. The batch is optimised jointly and the
+      returned batch is one iterate of it, the one with the largest total activation among
+      those where every image's activation, measured on that batch, is at least its seed's
+      activation measured on the seed batch (the seed batch itself qualifies).
+    - ``mode="model"``: the model's current mode (``model.training``), with the rule above.
+
+    Models from `robust_meta.train.model_from_checkpoint` are in train mode (the MAML
+    convention); the default ``"eval"`` uses the running statistics that meta-training
+    accumulated.
 
     ``r`` is `robust_meta.call_features` of ``model`` at ``params``: pass the
     fine-tuned (fast) weights for the "after fine-tuning" maps, ``None`` for the meta-model.
@@ -70,14 +88,15 @@ def feature_inversion(
         steps: ascent steps (0 returns the seeds).
         step_size: ℓ2 length of one step in [0, 1] pixel units.
         features, head: where the representation is (see `robust_meta.call_features`).
-        training: train/eval mode of the forward passes (default: the model's mode).
+        mode: ``"eval"``, ``"train"`` or ``"model"`` (see above).
+        training: deprecated (``True`` is ``mode="train"``, ``False`` is ``mode="eval"``).
 
     Returns:
         Images in [0, 1], detached, same shape and dtype as ``seed_images``.
 
     Raises:
         ValueError: images outside [0, 1], a neuron index out of range, a neuron list whose
-            length is not the batch size, ``steps < 0``, ``step_size < 0``.
+            length is not the batch size, ``steps < 0``, ``step_size < 0``, an unknown ``mode``.
         TypeError: ``neuron`` is not an int or a sequence of ints.
 
     Shape:
@@ -93,6 +112,12 @@ def feature_inversion(
     steps = check_steps(steps)
     if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real) or not step_size >= 0:
         raise ValueError(f"step_size must be a number >= 0, got {step_size!r}")
+    if training is not None:
+        warnings.warn("feature_inversion(training=...) is deprecated; pass mode='train' or mode='eval'",
+                      DeprecationWarning, stacklevel=2)
+        mode = "train" if training else "eval"
+    if mode not in ("eval", "train", "model"):
+        raise ValueError(f"mode must be 'eval', 'train' or 'model', got {mode!r}")
     b = seed_images.shape[0]
     if isinstance(neuron, numbers.Integral) and not isinstance(neuron, bool):
         idx = torch.full((b,), int(neuron), dtype=torch.long, device=seed_images.device)
@@ -110,7 +135,7 @@ def feature_inversion(
     fixed = {k: v.detach() for k, v in src.items()}
     rows = torch.arange(b, device=seed_images.device)
     prev = model.training
-    mode = prev if training is None else bool(training)
+    batch_stats = prev if mode == "model" else mode == "train"
 
     def activation(x: Tensor) -> Tensor:
         feats = call_features(model, x, fixed, features=features, head=head).flatten(1)
@@ -123,27 +148,37 @@ def feature_inversion(
 
     x = seed_images.detach().clone()
     with preserved_buffers(model), torch.enable_grad():
-        model.train(mode)
+        model.train(batch_stats)
         try:
             best = x.clone()
             with torch.no_grad():
-                best_val = activation(x)
+                seed_val = activation(x)
+            best_val = seed_val.clone()
+            best_total = float(seed_val.sum())
+
+            def keep(x: Tensor, act: Tensor) -> None:
+                nonlocal best, best_val, best_total
+                if batch_stats:  # the batch is one unit: keep it whole, if no image lost
+                    total = float(act.sum())
+                    if bool((act >= seed_val).all()) and total > best_total:
+                        best, best_val, best_total = x.clone(), act.clone(), total
+                else:  # each image on its own
+                    better = act > best_val
+                    best[better] = x[better]
+                    best_val = torch.where(better, act, best_val)
+
             for _ in range(steps):
                 x.requires_grad_(True)
                 act = activation(x)
                 (g,) = torch.autograd.grad(act.sum(), x)
                 with torch.no_grad():
-                    better = act.detach() > best_val
-                    best[better] = x.detach()[better]
-                    best_val = torch.where(better, act.detach(), best_val)
+                    keep(x.detach(), act.detach())
                     norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
                     norm = norm.view(-1, *([1] * (x.dim() - 1)))
                     x = (x.detach() + step_size * g / norm).clamp(0, 1)
             if steps:
                 with torch.no_grad():
-                    act = activation(x)
-                    better = act > best_val
-                    best[better] = x[better]
+                    keep(x, activation(x))
         finally:
             model.train(prev)
     return best.detach()

@@ -151,3 +151,64 @@ def test_missing_matplotlib_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         save_image_grid([torch.rand(1, 1, 4, 4)], tmp_path / "x.png")
+
+
+def _conv4(trained_stats: bool, seed: int):
+    from robust_meta.models import Conv4
+
+    torch.manual_seed(seed)
+    model = Conv4(in_channels=1, n_classes=5, hidden=8, image_size=28)
+    if trained_stats:  # running statistics and weights moved away from their initial values
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+            model.train()
+            for _ in range(20):
+                model(torch.rand(16, 1, 28, 28) ** 2)
+    return model.train()  # train mode, as models from model_from_checkpoint are
+
+
+def _activation(model, x, neuron, batch_stats):
+    prev = model.training
+    state = copy.deepcopy(model.state_dict())
+    model.train(batch_stats)
+    try:
+        with torch.no_grad():
+            return call_features(model, x).flatten(1)[torch.arange(len(x)), neuron]
+    finally:
+        model.train(prev)
+        model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("trained_stats", [False, True], ids=["fresh-bn", "trained-bn"])
+@pytest.mark.parametrize("mode", ["eval", "train", "model"])
+def test_iam_never_returns_an_image_below_its_seed(mode, trained_stats):
+    """Measured the way it is returned (eval: running stats; train: the returned batch), no
+    image ends below its seed, on Conv4s in train mode over several seeds (issue 12)."""
+    gains = []
+    for seed in range(3):
+        model = _conv4(trained_stats, seed)
+        before = copy.deepcopy(model.state_dict())
+        g = torch.Generator().manual_seed(100 + seed)
+        seeds = torch.rand(8, 1, 28, 28, generator=g)
+        neuron = torch.randint(0, 8, (8,), generator=g).tolist()
+        out = feature_inversion(model, seeds, neuron=neuron, steps=25, step_size=1.0, mode=mode)
+        batch_stats = mode != "eval"  # "model": the model is in train mode
+        gain = _activation(model, out, neuron, batch_stats) - _activation(model, seeds, neuron, batch_stats)
+        gains.append(gain)
+        assert (gain >= 0).all(), (seed, gain)
+        assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    gains = torch.cat(gains)
+    print(f"IAM mode={mode} {'trained' if trained_stats else 'fresh'} BN: min gain {gains.min():.4f}, "
+          f"median {gains.median():.4f}, improved {(gains > 0).float().mean():.0%}")
+    assert (gains > 0).float().mean() >= 0.5  # and the ascent does its job
+
+
+def test_iam_training_argument_is_deprecated():
+    model = Net().train()
+    seeds = torch.rand(2, 1, 8, 8)
+    with pytest.warns(DeprecationWarning, match="mode='train'"):
+        old = feature_inversion(model, seeds, neuron=1, steps=3, training=True)
+    torch.testing.assert_close(old, feature_inversion(model, seeds, neuron=1, steps=3, mode="train"))
+    with pytest.raises(ValueError, match="mode must be"):
+        feature_inversion(model, seeds, neuron=1, mode="batch")
