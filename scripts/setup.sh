@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Create ./.venv (or $VENV) with robust-meta and everything the demo, tests and docs need.
+# Create ./.venv (or $VENV) with robust-meta and what the demo, tests and docs need.
 # Idempotent: a second run only checks what is there.
+#   EXTRAS=demo DOCS=0 TORCHATTACKS=0 bash scripts/setup.sh   # what scripts/demo.sh uses
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
-# torch/torchvision: a pair that works together (torchattacks and torchmeta need torchvision).
+# torch/torchvision: a pair that works together (torchmeta needs torchvision).
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
-EXTRAS=${EXTRAS:-"demo,test,torchmeta"}
+EXTRAS=${EXTRAS:-"demo,test,torchmeta,omniglot"}
 DOCS=${DOCS:-1}
+# 1: also install the optional torchattacks bridge (see install_torchattacks below).
+TORCHATTACKS=${TORCHATTACKS:-0}
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
@@ -22,17 +25,18 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
 fi
 # torchmeta 1.8.0's metadata pins torch<1.10, so it is installed without its pins;
 # robust_meta.compat.torchmeta makes it import and run on a modern stack.
-if ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('torchmeta')" 2>/dev/null; then
+if [[ ",$EXTRAS," == *",torchmeta,"* ]] && ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('torchmeta')" 2>/dev/null; then
   echo "[setup] installing torchmeta 1.8.0 (--no-deps)"
   pip_ --no-deps torchmeta==1.8.0
 fi
+if [ "$DOCS" = 1 ]; then EXTRAS="$EXTRAS,docs"; fi
 echo "[setup] installing robust-meta[$EXTRAS]"
 pip_ -e ".[$EXTRAS]"
-if [ "$DOCS" = 1 ]; then
-  # mkdocs-material needs requests>=2.26 while torchattacks pins requests~=2.25.1, so one
-  # resolver run cannot hold both. torchattacks never imports requests: install the docs
-  # tools on their own and let pip warn about the pin (see README, "Install").
-  echo "[setup] installing the docs tools (pip will warn about torchattacks' requests pin)"
-  pip_ "mkdocs-material>=9" "mkdocstrings[python]>=0.24"
+if [ "$TORCHATTACKS" = 1 ]; then
+  # torchattacks declares requests~=2.25.1 but never imports requests: installing it without
+  # its pins (plus what it does import) keeps this environment's current, patched requests.
+  echo "[setup] installing torchattacks (--no-deps, keeping requests $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("requests"))' 2>/dev/null || echo 'absent'))"
+  pip_ --no-deps "torchattacks>=3.5"
+  pip_ scipy
 fi
 echo "[setup] done: $("$VENV/bin/python" -c 'import robust_meta, torch; print("robust-meta", robust_meta.__version__, "torch", torch.__version__)')"

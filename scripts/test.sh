@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
-# Fresh machine -> the full test suite (CPU, no network), then the docs site build.
+# Fresh machine -> the full test suite (CPU, no network): once without the optional
+# torchattacks extra (every core path must work without it), then the torchattacks tests
+# with it installed. Extra pytest arguments apply to both runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
 VPY="${VENV:-.venv}/bin/python"
+TORCHATTACKS=0 bash scripts/setup.sh
+if "$VPY" -c "import torchattacks" 2>/dev/null; then
+  echo "[test] removing torchattacks for the run without it"
+  "$VPY" -m pip uninstall -q -y torchattacks
+fi
+echo "[test] 1/2: the whole suite without torchattacks"
 "$VPY" -m pytest -q -n 2 "$@"
+TORCHATTACKS=1 EXTRAS="${EXTRAS:-demo,test,torchmeta,omniglot}" bash scripts/setup.sh
+echo "[test] 2/2: the torchattacks bridge (tests marked 'torchattacks')"
+"$VPY" -m pytest -q -n 2 -m torchattacks "$@"
