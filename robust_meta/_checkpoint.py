@@ -12,6 +12,7 @@ resolved `robust_meta.train.TrainConfig` as a dict), ``model`` (its
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "atomic_save",
     "build_model_for",
     "checkpoint_state",
+    "file_sha256",
     "load_checkpoint",
     "model_from_checkpoint",
     "save_checkpoint",
@@ -44,6 +46,15 @@ CHECKPOINT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, not ours, or for another model."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (identifies a checkpoint independently of its path)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _signature(model: nn.Module) -> dict[str, list[int]]:

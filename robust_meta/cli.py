@@ -19,7 +19,9 @@ Example:
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -232,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", dest="progress", action="store_false")
     _add_train_options(t)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on unseen test tasks (SA/RA with 95% CIs)")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on unseen test tasks (SA/RA with 95%% CIs)")
     e.add_argument("checkpoint", help="a .pt written by train (best.pt or last.pt)")
     e.add_argument("--tasks", type=int, default=600, help="number of test tasks (default 600; paper 2400)")
     e.add_argument("--split", choices=("test", "val"), default="test")
@@ -246,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-folder", default=None, help="override the dataset folder stored in the checkpoint")
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--out", default=None, help="write the result as JSON (and CSV next to it)")
+    e.add_argument("--out", default=None, help="write the result as JSON (and CSV next to it), atomically")
+    e.add_argument("--resume", action="store_true",
+                   help="if OUT already holds this evaluation (same checkpoint file and options), do not redo it")
     e.add_argument("--no-progress", dest="progress", action="store_false")
 
     pl = sub.add_parser("plot", help="plot RA versus eps from results/eval JSON files")
@@ -331,27 +335,91 @@ def _eval_checkpoint(
     return result, config
 
 
+def _eval_request(args: argparse.Namespace, attacks: Sequence[str]) -> dict[str, Any]:
+    """What an ``eval`` computes: the checkpoint's SHA-256 and every option that changes a number."""
+    from ._checkpoint import file_sha256
+
+    return {
+        "checkpoint_sha256": file_sha256(args.checkpoint), "tasks": args.tasks, "split": args.split,
+        "attacks": list(attacks), "eps": None if args.eps is None else [float(e) for e in args.eps],
+        "steps": args.steps, "step_size": args.step_size, "attack_steps": args.attack_steps,
+        "finetune": args.finetune, "data_folder": args.data_folder, "seed": args.seed,
+    }
+
+
+def _finished_eval(out: Path, request: dict[str, Any]):
+    """The `EvalResult` in ``out`` when it was computed for exactly ``request``, else ``None``."""
+    from .evaluation import EvalResult
+
+    if not (out.is_file() and out.with_suffix(".csv").is_file()):
+        return None
+    try:
+        res = EvalResult.from_json(out)
+    except (ValueError, KeyError, TypeError):  # not ours, or from an older robust-meta
+        return None
+    return res if res.settings.get("request") == json.loads(json.dumps(request)) else None
+
+
+def write_eval_result(result: Any, out: str | os.PathLike) -> tuple[Path, Path]:
+    """Write an `EvalResult` as ``out`` (JSON) and ``out`` with suffix ``.csv``, atomically.
+
+    The CSV is written first and the JSON last: a JSON file next to its CSV marks a finished
+    evaluation (``robust-meta eval --resume`` relies on it). Killed at any moment, neither file
+    is ever half-written.
+
+    Returns:
+        ``(json_path, csv_path)``.
+    """
+    from ._io import atomic_write_text
+
+    out = Path(out)
+    csv_path = out.with_suffix(".csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    names = list(result.metrics)
+    w.writerow(["task", *names])
+    for i in range(result.n_tasks):
+        w.writerow([i, *(repr(result.metrics[k].values[i]) for k in names)])
+    atomic_write_text(buf.getvalue(), csv_path)
+    atomic_write_text(json.dumps(result.to_dict(), indent=2, default=str), out)
+    return out, csv_path
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from ._signals import SignalGuard
     from .attacks import ATTACKS
 
     attacks = [a.strip().lower() for a in args.attack.split(",") if a.strip()]
     bad = [a for a in attacks if a not in ATTACKS]
     if bad or not attacks:
         raise UsageError(f"unknown attack {(bad or [args.attack])[0]!r}; choose from {', '.join(ATTACKS)}")
-    result, config = _eval_checkpoint(
-        args.checkpoint, tasks=args.tasks, split=args.split, attacks=attacks, eps=args.eps,
-        steps=args.steps, step_size=args.step_size, attack_steps=args.attack_steps,
-        finetune=args.finetune, data_folder=args.data_folder, device=args.device, seed=args.seed,
-        progress=args.progress,
-    )
-    print(f"{config.method} on {config.dataset} ({args.split} split, {result.n_tasks} tasks)")
-    print(result.table())
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        result.to_json(out)
-        result.to_csv(out.with_suffix(".csv"))
-        print(f"wrote {out} and {out.with_suffix('.csv')}")
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
+    out = Path(args.out) if args.out else None
+    request = _eval_request(args, attacks)
+    if out is not None and args.resume:
+        done = _finished_eval(out, request)
+        if done is not None:
+            print(f"{out} already holds this evaluation (same checkpoint and options); not redone")
+            print(done.table())
+            return 0
+    # SIGINT/SIGTERM stop the evaluation; the result files are written atomically, so a kill
+    # at any moment leaves either the previous files or the complete new ones.
+    with SignalGuard() as guard:
+        result, config = _eval_checkpoint(
+            args.checkpoint, tasks=args.tasks, split=args.split, attacks=attacks, eps=args.eps,
+            steps=args.steps, step_size=args.step_size, attack_steps=args.attack_steps,
+            finetune=args.finetune, data_folder=args.data_folder, device=args.device, seed=args.seed,
+            progress=args.progress,
+        )
+        result.settings["request"] = request
+        print(f"{config.method} on {config.dataset} ({args.split} split, {result.n_tasks} tasks)")
+        print(result.table())
+        if out is not None:
+            with guard.critical():
+                json_path, csv_path = write_eval_result(result, out)
+            print(f"wrote {json_path} and {csv_path}")
     return 0
 
 

@@ -190,3 +190,49 @@ def test_python_dash_m_runs_the_cli(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module("robust_meta.cli", run_name="__main__")
     assert exit_.value.code == 0 and "rmaml-out" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:RA .* is above SA")  # 3 tasks of an untrained model
+def test_eval_writes_atomically_and_resume_skips_finished_work(tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", *TINY_ARGS, "--method", "maml", "--meta-steps", "2", "--out", str(run_dir))[0] == 0
+    ev = tmp_path / "ev.json"
+    args = ["eval", str(run_dir / "best.pt"), "--tasks", "3", "--out", str(ev), "--no-progress", "--resume"]
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    first = ev.read_text()
+    assert json.loads(first)["settings"]["request"]["tasks"] == 3
+    import robust_meta.cli as cli
+
+    calls = []
+    real = cli._eval_checkpoint
+    monkeypatch.setattr(cli, "_eval_checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    code, out, err = run(capsys, *args)  # same checkpoint and options: not redone
+    assert code == 0 and "not redone" in out and not calls and ev.read_text() == first
+    code, out, _ = run(capsys, *args[:-1])  # without --resume: recomputed
+    assert code == 0 and calls == [1]
+    code, out, _ = run(capsys, *args[:3], "4", *args[4:])  # other options: recomputed
+    assert code == 0 and calls == [1, 1] and json.loads(ev.read_text())["metrics"]["sa"]["n"] == 4
+
+    # a write that fails (or is killed) leaves the previous files whole, and no temp file
+    before = ev.read_text(), ev.with_suffix(".csv").read_text()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("robust_meta._io.os.replace", boom)
+    code, _, err = run(capsys, *args[:3], "5", *args[4:])
+    assert code == 130 and "interrupted" in err
+    assert (ev.read_text(), ev.with_suffix(".csv").read_text()) == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_train_interrupted_by_sigterm_exits_143_and_resumes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ROBUST_META_FAULT_INJECT", "SIGTERM@2:backward")
+    out = tmp_path / "run"
+    common = ["train", *TINY_ARGS, "--method", "rmaml-out", "--attack", "fgsm", "--meta-steps", "3", "--out", str(out)]
+    code, _, err = run(capsys, *common)
+    assert code == 143 and "interrupted by SIGTERM" in err and "last.pt holds step 1" in err and "--resume" in err
+    monkeypatch.delenv("ROBUST_META_FAULT_INJECT")
+    assert run(capsys, *common, "--resume")[0] == 0
+    assert load_checkpoint(out / "last.pt")["step"] == 3

@@ -384,3 +384,93 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
         train(tiny(dataset="omniglot", data_folder=str(tmp_path / "nope")), out_dir=tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match="tensor dataset file"):
         train(tiny(dataset=f"tensor:{tmp_path / 'x.pt'}"), out_dir=tmp_path, progress=False)
+
+
+# --------------------------------------------------------------------------- signals (issue 12)
+
+
+def test_sigterm_is_handled_like_sigint_and_the_handlers_are_restored(tmp_path):
+    import signal
+
+    from robust_meta.train import Interrupted
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+    def cb(step, rec):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted) as info:
+        train(tiny(), out_dir=tmp_path, progress=False, callback=cb)
+    assert info.value.signum == signal.SIGTERM and info.value.exit_code == 143
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["step"] == 3 and last["extra"]["log_rows"] == 3
+    assert [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == last["extra"]["best_step"] == 2
+
+
+@pytest.mark.parametrize("point", ["task", "backward", "validate"])
+def test_a_signal_mid_step_discards_the_partial_step(tmp_path, monkeypatch, point):
+    """Batch-norm buffers (num_batches_tracked included) and weights are those of step 3."""
+    train(tiny(meta_steps=3, eval_every=2), out_dir=tmp_path / "ref", progress=False)
+    monkeypatch.setenv(T.FAULT_ENV, f"SIGINT@4:{point}")
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(meta_steps=4, eval_every=2), out_dir=tmp_path / "run", progress=False)
+    ref, got = load_checkpoint(tmp_path / "ref" / "last.pt"), load_checkpoint(tmp_path / "run" / "last.pt")
+    assert got["step"] == 3
+    assert any(k.endswith("num_batches_tracked") for k in got["model"])
+    assert_same_state(ref["model"], got["model"])
+    for k, st in ref["optimizer"]["state"].items():
+        assert_same_state(st, got["optimizer"]["state"][k])
+    assert torch.equal(ref["rng"]["torch"], got["rng"]["torch"])
+
+
+def test_train_in_a_thread_leaves_signals_alone(tmp_path):
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    errors = []
+
+    def work():
+        try:
+            train(tiny(meta_steps=1, eval_every=1), out_dir=tmp_path, progress=False)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert not errors and load_checkpoint(tmp_path / "last.pt")["step"] == 1
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_resume_repairs_files_left_ahead_of_last_pt(tmp_path, monkeypatch):
+    """As after a SIGKILL: log rows, log.csv and best.pt newer than last.pt, a stale temp file."""
+    cfg = tiny(meta_steps=4, eval_every=1, save_every=2, select="last")
+    train(cfg, out_dir=tmp_path / "ref", progress=False)
+    run = tmp_path / "run"
+    train(cfg.replace(meta_steps=3), out_dir=run, progress=False)  # last.pt and best.pt at step 3
+    last3 = (run / "last.pt").read_bytes()
+    train(cfg, out_dir=run, resume=True, progress=False)  # ... then pretend step 4's last.pt was lost:
+    (run / "last.pt").write_bytes(last3)
+    (run / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    assert load_checkpoint(run / "best.pt")["step"] == 4
+    with monkeypatch.context() as m:  # resume, and fail in step 4 before anything is written
+        m.setattr(T, "validate", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+        with pytest.raises(Stop):
+            train(cfg, out_dir=run, resume=True, progress=False)
+    # ...back to a consistent step-3 state: best.pt, log.jsonl and log.csv of step 3
+    assert load_checkpoint(run / "best.pt")["step"] == 3
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert len((run / "log.csv").read_text().splitlines()) == 4
+    assert not list(run.glob(".*.tmp"))
+    train(cfg, out_dir=run, resume=True, progress=False)
+    for name in ("last.pt", "best.pt"):
+        assert_same_state(params_of(tmp_path / "ref" / name), params_of(run / name))
+    la = [json.loads(x) for x in (tmp_path / "ref" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lb] == [1, 2, 3, 4]
+    assert [{k: v for k, v in r.items() if k != "time"} for r in la] == [
+        {k: v for k, v in r.items() if k != "time"} for r in lb]
