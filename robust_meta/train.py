@@ -23,8 +23,15 @@ measures the FGSM robust accuracy; `OverfittingMonitor` flags (``warnings.warn``
 the ``catastrophic_overfitting`` log field) a collapse of PGD accuracy while the FGSM one
 holds or rises (Wong et al., "Fast is better than free", ICLR 2020).
 
+**Interruptions.** Whatever stops a run, the files on disk are one consistent step
+boundary: SIGINT and SIGTERM discard the step in progress and write the state at the end of
+the last completed one (an in-memory snapshot taken at every step boundary: parameters,
+buffers, optimizer, generator states, model selection, log rows); SIGKILL loses at most the
+steps since the last ``last.pt``. ``last.pt`` carries a copy of ``best.pt`` and the number of
+log rows, so that ``resume`` can make the other files agree with it again. See `train`.
+
 Files written in ``out_dir``: ``last.pt`` (full state, for ``resume``), ``best.pt`` (the
-selected model), ``config.json``, ``log.jsonl`` and ``log.csv``.
+selected model), ``config.json``, ``log.jsonl`` and ``log.csv``, all atomically.
 """
 
 from __future__ import annotations
