@@ -219,11 +219,16 @@ def test_kills_at_random_moments_resume_bit_for_bit(tmp_path, reference, seed):
     for attempt in range(10):
         resume = attempt > 0
         # every fault point sleeps a little so that random signals land inside steps
-        proc = subprocess.Popen(_cmd(out, resume), env=_env("sleep=0.01"), stdout=subprocess.DEVNULL,
+        launched = time.time_ns()
+        proc = subprocess.Popen(_cmd(out, resume), env=_env("sleep=0.02"), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         sig = rng.choice([signal.SIGINT, signal.SIGTERM, signal.SIGKILL]) if attempt < 4 else None
-        delay = rng.uniform(1.2, 3.0)  # ~1.4 s to import, then ~0.1 s a step
+        delay = rng.uniform(0.0, 1.5)  # after the loop starts; a step takes ~0.1 s
         if sig is not None:
+            # config.json is (re)written just before the first step
+            cfg = out / "config.json"
+            while proc.poll() is None and not (cfg.exists() and cfg.stat().st_mtime_ns >= launched):
+                time.sleep(0.01)
             time.sleep(delay)
             if proc.poll() is None:
                 proc.send_signal(sig)
