@@ -25,6 +25,14 @@ from .data import (
     torchmeta_loader,
     torchmeta_tasks,
 )
+from .datasets import (
+    OmniglotDataset,
+    OmniglotSplits,
+    download_omniglot,
+    load_omniglot,
+    omniglot_splits,
+    omniglot_task_sampler,
+)
 from .evaluation import EvalResult, EvalWarning, Metric, confidence_interval, evaluate
 from .meta import MetaStepStats, RobustMetaUpdate
 from .models import Conv4, ResNet12, ResNet18, build_model
@@ -45,6 +53,8 @@ __all__ = [
     "MetaStepStats",
     "Metric",
     "ModelAt",
+    "OmniglotDataset",
+    "OmniglotSplits",
     "PGDAttack",
     "ResNet12",
     "ResNet18",
@@ -64,15 +74,19 @@ __all__ = [
     "call_model",
     "confidence_interval",
     "digits_splits",
+    "download_omniglot",
     "evaluate",
     "feature_inversion",
     "iter_tasks",
     "linf_pgd",
     "load_digits",
+    "load_omniglot",
     "load_tensor_dataset",
     "make_attack",
     "named_params",
     "nt_xent",
+    "omniglot_splits",
+    "omniglot_task_sampler",
     "perturb",
     "plot_ra_vs_eps",
     "save_image_grid",

@@ -470,8 +470,18 @@ def _set_names(sets: Sequence[str] | str | None) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _pil_image():
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise ImportError(
+            'the Omniglot loader decodes PNGs with Pillow: pip install "robust-meta[omniglot]"'
+        ) from err
+    return Image
+
+
 def _resample_filter(resample: str) -> int:
-    from PIL import Image
+    Image = _pil_image()
 
     return {"lanczos": Image.LANCZOS, "box": Image.BOX, "bilinear": Image.BILINEAR,
             "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[resample]
@@ -480,8 +490,8 @@ def _resample_filter(resample: str) -> int:
 def _decode_png(data: bytes, image_size: int, resample: str) -> Any:
     """One PNG's bytes -> `(image_size, image_size)` uint8 numpy array (0 = stroke, 255 = paper)."""
     import numpy as np
-    from PIL import Image
 
+    Image = _pil_image()
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("L")
         if im.size != (image_size, image_size):
