@@ -15,7 +15,7 @@ from ._train_config import TrainConfig
 from .data import Task
 from .presets import DATASET_PRESETS
 
-__all__ = ["build_task_sources"]
+__all__ = ["build_task_sources", "omniglot_split_for"]
 
 
 class _TaskSource:
@@ -32,9 +32,12 @@ class _TaskSource:
 def build_task_sources(config: TrainConfig) -> dict[str, _TaskSource]:
     """``{"train", "val", "test"}`` task sources for a resolved config (disjoint classes).
 
-    ``digits`` uses `robust_meta.data.digits_splits` (4 / 3 / 3 classes); a
-    ``tensor:PATH`` dataset is split 60 / 20 / 20 % of its classes with seed 0; torchmeta
-    datasets use their own meta-train / meta-val / meta-test splits.
+    ``digits`` uses `robust_meta.data.digits_splits` (4 / 3 / 3 classes); ``omniglot`` is read
+    by `robust_meta.datasets.load_omniglot` from ``data_folder`` (the official zips or their
+    extracted folders) and split by alphabet with `omniglot_splits` (seed 0, see
+    `omniglot_split_for`), meta-training with the 90°/180°/270° rotation classes; a
+    ``tensor:PATH`` dataset is split 60 / 20 / 20 % of its classes with seed 0; the other
+    torchmeta datasets use their own meta-train / meta-val / meta-test splits.
 
     Raises:
         FileNotFoundError: the dataset's folder (``data_folder``) or tensor file is missing.
@@ -43,6 +46,8 @@ def build_task_sources(config: TrainConfig) -> dict[str, _TaskSource]:
     from . import data as D
 
     name = config.dataset
+    if name == "omniglot" or name.startswith("omniglot-"):
+        return _omniglot_sources(config, D)
     if name in DATASET_PRESETS and DATASET_PRESETS[name].needs_folder:
         folder = config.data_folder
         if not folder:
@@ -98,4 +103,56 @@ def _torchmeta_sources(config: TrainConfig, D: Any) -> dict[str, _TaskSource]:
             )
 
         sources[split_name] = _TaskSource(sample, split_name)
+    return sources
+
+
+def omniglot_split_for(data: Any) -> Any:
+    """The alphabet split a training run on Omniglot uses (recorded in ``splits.json``).
+
+    The official evaluation set (``images_evaluation``), when present, is the meta-test set
+    (as in MAML); the background alphabets are split 80 / 20 % into meta-train / meta-val.
+    Otherwise (e.g. the two "background small" sets: 8 alphabets) the alphabets are split
+    50 / 25 / 25 % with seed 0 (4 / 2 / 2 of the 8 alphabets of the two small sets).
+    """
+    from .datasets import OmniglotSplits, omniglot_splits
+
+    background = [a for a in data.alphabets if a not in _EVALUATION_ALPHABETS]
+    evaluation = [a for a in data.alphabets if a in _EVALUATION_ALPHABETS]
+    if evaluation and len(background) >= 2:
+        inner = omniglot_splits(background, fractions=(0.8, 0.2, 0.0), seed=0)
+        return OmniglotSplits(train=inner.train, val=inner.val, test=tuple(sorted(evaluation)), seed=0)
+    return omniglot_splits(data, fractions=(0.5, 0.25, 0.25), seed=0)
+
+
+#: The 20 alphabets of the official `images_evaluation` set (Lake et al.).
+_EVALUATION_ALPHABETS = frozenset({
+    "Angelic", "Atemayar_Qelisayer", "Atlantean", "Aurek-Besh", "Avesta", "Ge_ez", "Glagolitic",
+    "Gurmukhi", "Kannada", "Keble", "Malayalam", "Manipuri", "Mongolian", "Old_Church_Slavonic_(Cyrillic)",
+    "Oriya", "Sylheti", "Syriac_(Serto)", "Tengwar", "Tibetan", "ULOG",
+})
+
+
+def _omniglot_sources(config: TrainConfig, D: Any) -> dict[str, _TaskSource]:
+    folder = config.data_folder
+    if not folder:
+        raise FileNotFoundError(
+            f"dataset {config.dataset!r} needs --data-folder: a folder holding the official Omniglot zips "
+            "(images_background.zip, images_evaluation.zip or images_background_small1/2.zip) "
+            "or their extracted folders"
+        )
+    data = D.load_omniglot(folder, image_size=config.image_size)
+    splits = omniglot_split_for(data)
+    sources = {}
+    for split_name in ("train", "val", "test"):
+        sampler = D.omniglot_task_sampler(
+            data, splits, split_name, ways=config.ways, shots=config.shots, queries=config.queries,
+            seed=0,
+        )
+
+        def sample(n: int, seed: int, sampler=sampler) -> list[Task]:
+            sampler.generator.manual_seed(seed)  # the stream of step s depends on (seed, s) only
+            return sampler.sample(n)
+
+        sources[split_name] = _TaskSource(sample, split_name)
+    sources["train"].splits = splits  # type: ignore[attr-defined]
     return sources

@@ -130,7 +130,8 @@ class DatasetPreset:
 
 
 #: Paper settings (Sec. 6 and Appendix): α = 0.01, meta lr 1e-3, 4 tasks a batch,
-#: 15 queries a class, K = 5 steps at train time and 10 at test time; ε = 10/255 on Omniglot,
+#: 15 queries a class, K = 5 steps at train time and 10 at test time; ε = 10/255 on Omniglot
+#: (1-shot 5/10/15/20-way, paper Appendix 7 / Fig. S3: ``omniglot-<N>way``),
 #: 2/255 on MiniImageNet, 8/255 on CIFAR-FS. The paper gives no ε for FC100 (also CIFAR-100
 #: images, 32×32): we use CIFAR-FS's 8/255.
 #: ``digits`` (scikit-learn's embedded 8×8 UCI digits, values in [0, 1], 10 classes) is ours:
@@ -146,7 +147,13 @@ DATASET_PRESETS: dict[str, DatasetPreset] = {
             description="embedded UCI digits (scikit-learn), 8×8 grey, offline",
         ),
         DatasetPreset("omniglot", eps=10 / 255, in_channels=1, image_size=28,
-                      description="Omniglot (torchmeta layout), ε = 10/255"),
+                      description="Omniglot from the official zips or folders (--data-folder), "
+                                  "5-way 1-shot, ε = 10/255"),
+        *(
+            DatasetPreset(f"omniglot-{n}way", eps=10 / 255, in_channels=1, image_size=28, ways=n,
+                          description=f"Omniglot {n}-way 1-shot, ε = 10/255 (paper Fig. S3)")
+            for n in (5, 10, 15, 20)
+        ),
         DatasetPreset("miniimagenet", eps=2 / 255, in_channels=3, image_size=84,
                       description="MiniImageNet (torchmeta layout), ε = 2/255"),
         DatasetPreset("cifar-fs", eps=8 / 255, in_channels=3, image_size=32,
