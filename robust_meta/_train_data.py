@@ -119,8 +119,13 @@ def omniglot_split_for(data: Any) -> Any:
     background = [a for a in data.alphabets if a not in _EVALUATION_ALPHABETS]
     evaluation = [a for a in data.alphabets if a in _EVALUATION_ALPHABETS]
     if evaluation and len(background) >= 2:
-        inner = omniglot_splits(background, fractions=(0.8, 0.2, 0.0), seed=0)
-        return OmniglotSplits(train=inner.train, val=inner.val, test=tuple(sorted(evaluation)), seed=0)
+        import torch
+
+        perm = torch.randperm(len(background), generator=torch.Generator().manual_seed(0)).tolist()
+        k = max(1, round(0.2 * len(background)))
+        val = tuple(sorted(background[i] for i in perm[:k]))
+        train = tuple(sorted(background[i] for i in perm[k:]))
+        return OmniglotSplits(train=train, val=val, test=tuple(sorted(evaluation)), seed=0)
     return omniglot_splits(data, fractions=(0.5, 0.25, 0.25), seed=0)
 
 

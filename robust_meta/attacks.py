@@ -566,7 +566,7 @@ def perturb(
                 f"attack {type(att).__name__} attacks only the images still classified correctly, "
                 "so batch norm in train mode would normalise with the statistics of that subset "
                 "(and fail on a single image). Run it in eval mode (evaluate(..., train_mode=False), "
-                "model.eval()), or use 'pgd'"
+                "model.eval(), robust-meta eval --mode eval), or use 'pgd'"
             )
         att.set_device(inputs.device)
         if targets is None:  # a KL attack (torchattacks.TPGD) ignores the labels

@@ -246,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step-size", type=_number_arg, default=None, help="fine-tuning step (default: inner_lr)")
     e.add_argument("--attack-steps", type=int, default=10, help="PGD iterations (default 10)")
     e.add_argument("--finetune", choices=("standard", "adversarial"), default="standard")
+    e.add_argument("--mode", choices=("train", "eval"), default="train",
+                   help="network mode for fine-tuning, attack and scoring: train (batch statistics, "
+                        "the MAML convention; default) or eval (running statistics; needed by apgd "
+                        "and autoattack, which attack a subset of the batch)")
     e.add_argument("--data-folder", default=None, help="override the dataset folder stored in the checkpoint")
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0)
@@ -330,7 +334,7 @@ def _eval_checkpoint(
     path: str, *, tasks: int, split: str = "test", attacks: Sequence[str] = ("pgd",),
     eps: Sequence[float] | None = None, steps: int | None = None, step_size: float | None = None,
     attack_steps: int = 10, finetune: str = "standard", data_folder: str | None = None,
-    device: str = "auto", seed: int = 0, progress: bool = True,
+    device: str = "auto", seed: int = 0, progress: bool = True, mode: str = "train",
 ):
     from .anil import ANILHead
     from .evaluation import evaluate
@@ -352,6 +356,7 @@ def _eval_checkpoint(
         model, task_list, eps=eps_list, steps=config.test_inner_steps if steps is None else steps,
         step_size=config.inner_lr if step_size is None else step_size, finetune=finetune,
         anil=anil, attacks=tuple(attacks), attack_steps=attack_steps, seed=seed, progress=progress,
+        train_mode=mode == "train",
     )
     result.settings.update({"checkpoint": str(path), "split": split, "method": config.method,
                             "dataset": config.dataset, "train_eps": config.eps})
@@ -367,6 +372,7 @@ def _eval_request(args: argparse.Namespace, attacks: Sequence[str]) -> dict[str,
         "attacks": list(attacks), "eps": None if args.eps is None else [float(e) for e in args.eps],
         "steps": args.steps, "step_size": args.step_size, "attack_steps": args.attack_steps,
         "finetune": args.finetune, "data_folder": args.data_folder, "seed": args.seed,
+        "mode": args.mode,
     }
 
 
@@ -434,7 +440,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             args.checkpoint, tasks=args.tasks, split=args.split, attacks=attacks, eps=args.eps,
             steps=args.steps, step_size=args.step_size, attack_steps=args.attack_steps,
             finetune=args.finetune, data_folder=args.data_folder, device=args.device, seed=args.seed,
-            progress=args.progress,
+            progress=args.progress, mode=args.mode,
         )
         result.settings["request"] = request
         print(f"{config.method} on {config.dataset} ({args.split} split, {result.n_tasks} tasks)")

@@ -246,13 +246,15 @@ def reproduce_omniglot(
             if record is None:
                 if bar is not None:
                     bar.set_postfix_str(f"{ways}-way: training")
-                cfg = settings.train_config(method, ways, str(data_folder), device=device)
-                t0 = time.perf_counter()
-                best = train(cfg, out_dir=run_dir, resume=(run_dir / "last.pt").exists(), progress=progress)
-                train_seconds = time.perf_counter() - t0
-                previous = _previous_train_seconds(run_dir)
-                train_seconds += previous
-                atomic_write_json({"train_seconds": train_seconds}, run_dir / "train_time.json")
+                cfg = settings.train_config(method, ways, str(Path(data_folder).resolve()), device=device)
+                best = run_dir / "best.pt"
+                if _finished_training(run_dir, cfg):
+                    train_seconds = _previous_train_seconds(run_dir)
+                else:
+                    t0 = time.perf_counter()
+                    best = train(cfg, out_dir=run_dir, resume=(run_dir / "last.pt").exists(), progress=progress)
+                    train_seconds = time.perf_counter() - t0 + _previous_train_seconds(run_dir)
+                    atomic_write_json({"train_seconds": train_seconds}, run_dir / "train_time.json")
                 if bar is not None:
                     bar.set_postfix_str(f"{ways}-way: evaluating")
                 model, config, _ = model_from_checkpoint(best, device=resolve_device(device))
@@ -309,6 +311,19 @@ def reproduce_omniglot(
     except ImportError as err:  # matplotlib is the [demo] extra
         print(f"no plot written: {err}")
     return doc
+
+
+def _finished_training(run_dir: Path, cfg: Any) -> bool:
+    """Whether ``run_dir`` holds a completed training run of exactly ``cfg``."""
+    from .train import CheckpointError, load_checkpoint
+
+    if not (run_dir / "best.pt").is_file() or not (run_dir / "last.pt").is_file():
+        return False
+    try:
+        last = load_checkpoint(run_dir / "last.pt")
+    except (CheckpointError, OSError):
+        return False
+    return last.get("step") == cfg.meta_steps and last.get("config") == cfg.to_dict()
 
 
 def _previous_train_seconds(run_dir: Path) -> float:

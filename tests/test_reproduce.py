@@ -1,0 +1,166 @@
+"""`robust-meta reproduce omniglot` end to end on the real Omniglot small sets, and Omniglot as a
+train/eval dataset."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from robust_meta.cli import main
+from robust_meta.presets import DATASET_PRESETS
+from robust_meta.reproduce import OMNIGLOT_METHODS, OmniglotReproduction, reproduce_omniglot
+from robust_meta.train import model_from_checkpoint
+
+OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
+needs_data = pytest.mark.skipif(not (OMNIGLOT / "images_background_small1.zip").is_file(),
+                                reason=f"the Omniglot small sets are not at {OMNIGLOT}")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ROBUST_META_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repro") / "out"
+    code = main(["reproduce", "omniglot", "--data-folder", str(OMNIGLOT), "--out", str(out),
+                 "--quick", "--no-progress"])
+    return code, out
+
+
+@needs_data
+def test_quick_reproduction_writes_results_table_plot_and_loadable_checkpoints(quick_run, capsys):
+    code, out = quick_run
+    assert code == 0
+    doc = json.loads((out / "results.json").read_text())
+    runs = doc["runs"]
+    assert {(r["method"], r["ways"]) for r in runs} == {(m, n) for m in OMNIGLOT_METHODS for n in (5, 10, 15, 20)}
+    for r in runs:
+        assert set(r) >= {"method", "ways", "shots", "checkpoint", "sa", "ra", "eps", "train_seconds"}
+        assert r["shots"] == 1 and r["eps"] == pytest.approx(10 / 255)
+        for metric in ("sa", "ra"):
+            assert 0 <= r[metric]["mean"] <= 1 and r[metric]["ci95"] >= 0
+        assert r["ra"]["mean"] <= r["sa"]["mean"] + 1e-9
+        assert r["train_seconds"] > 0 and not Path(r["checkpoint"]).is_absolute()
+    model, config, _ = model_from_checkpoint(out / runs[-1]["checkpoint"])
+    assert config.ways == runs[-1]["ways"] and config.dataset.startswith("omniglot")
+    assert config.inner_lr == doc["settings"]["inner_lr"] and config.test_inner_steps == doc["settings"]["test_inner_steps"]
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, runs[-1]["ways"])
+    splits = doc["settings"]["splits"]
+    assert not set(splits["test"]) & (set(splits["train"]) | set(splits["val"]))
+    assert not set(splits["train"]) & set(splits["val"])
+    table = (out / "table.md").read_text()
+    assert all(name in table for name in ("MAML", "AQ", "R-MAML_out (AT)", "R-MAML_out (TRADES)", "R-MAML_out-FGSM"))
+    for ext in ("png", "svg"):
+        assert (out / f"omniglot_ways.{ext}").stat().st_size > 1000
+
+
+@needs_data
+def test_a_second_call_redoes_nothing_and_a_lost_result_is_re_evaluated_only(quick_run):
+    _, out = quick_run
+    first = json.loads((out / "results.json").read_text())
+    ckpt = out / "runs" / "aq-10way" / "best.pt"
+    before = ckpt.stat().st_mtime_ns
+    (out / "runs" / "aq-10way" / "result.json").unlink()
+    settings = OmniglotReproduction.quick()
+    doc = reproduce_omniglot(OMNIGLOT, out, settings=settings, progress=False)
+    assert ckpt.stat().st_mtime_ns == before  # not retrained
+    again = {(r["method"], r["ways"]): r for r in doc["runs"]}
+    for r in first["runs"]:
+        other = again[(r["method"], r["ways"])]
+        assert other["sa"] == r["sa"] and other["ra"] == r["ra"]  # same numbers (seeded evaluation)
+
+
+@needs_data
+def test_an_interrupted_run_resumes(tmp_path):
+    settings = OmniglotReproduction.quick(methods=("rmaml-out-fgsm",), ways=(5,), meta_steps=4, eval_every=2)
+    out = tmp_path / "out"
+    calls = {"n": 0}
+
+    import robust_meta.train as T
+
+    original = T._train
+
+    def interrupt_once(*args, **kwargs):
+        cb = kwargs.get("callback")
+
+        def stop(step, record):
+            if step == 2 and calls["n"] == 0:
+                calls["n"] += 1
+                raise KeyboardInterrupt
+            if cb:
+                cb(step, record)
+
+        kwargs["callback"] = stop
+        return original(*args, **kwargs)
+
+    T._train = interrupt_once
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            reproduce_omniglot(OMNIGLOT, out, settings=settings, progress=False)
+    finally:
+        T._train = original
+    run = out / "runs" / "rmaml-out-fgsm-5way"
+    assert (run / "last.pt").is_file() and not (run / "result.json").exists()
+    assert not (out / "results.json").exists()
+    doc = reproduce_omniglot(OMNIGLOT, out, settings=settings, progress=False)
+    fresh = reproduce_omniglot(OMNIGLOT, tmp_path / "fresh", settings=settings, progress=False)
+    assert doc["runs"][0]["sa"] == fresh["runs"][0]["sa"] and doc["runs"][0]["ra"] == fresh["runs"][0]["ra"]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--data-folder", "/no/such/folder"], "no/such/folder"),
+        (["--methods", "maml,bogus"], "unknown methods"),
+        (["--ways", "5,x"], "--ways"),
+        (["--ways", "60"], "fewer than ways=60"),
+    ],
+)
+def test_bad_input_is_a_clear_error(argv, match, tmp_path, capsys):
+    if "--data-folder" not in argv:
+        if not OMNIGLOT.is_dir():
+            pytest.skip("needs the Omniglot data")
+        argv = ["--data-folder", str(OMNIGLOT), *argv]
+    code = main(["reproduce", "omniglot", "--out", str(tmp_path / "o"), "--quick", "--no-progress", *argv])
+    assert code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_omniglot_presets_are_the_papers_setting():
+    for n in (5, 10, 15, 20):
+        p = DATASET_PRESETS[f"omniglot-{n}way"]
+        assert p.ways == n and p.shots == 1 and p.eps == pytest.approx(10 / 255)
+        assert p.image_size == 28 and p.in_channels == 1
+    with pytest.raises(ValueError, match="20 drawings"):
+        OmniglotReproduction(queries=20)
+
+
+def test_full_official_sets_test_on_the_evaluation_alphabets():
+    from types import SimpleNamespace
+
+    from robust_meta._train_data import _EVALUATION_ALPHABETS, omniglot_split_for
+
+    background = [f"Bg{i:02d}" for i in range(30)]
+    data = SimpleNamespace(alphabets=sorted(background + list(_EVALUATION_ALPHABETS)))
+    s = omniglot_split_for(data)
+    assert set(s.test) == _EVALUATION_ALPHABETS
+    assert len(s.train) == 24 and len(s.val) == 6 and not set(s.train) & set(s.val)
+
+
+@needs_data
+def test_train_and_eval_commands_on_omniglot(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--dataset", "omniglot-5way", "--data-folder", str(OMNIGLOT), "--out", str(out),
+                 "--method", "rmaml-out", "--attack", "fgsm", "--meta-steps", "2", "--hidden", "8",
+                 "--queries", "2", "--val-tasks", "2", "--eval-every", "2", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    code = main(["eval", str(out / "best.pt"), "--tasks", "3", "--attack-steps", "2", "--no-progress",
+                 "--out", str(tmp_path / "e.json")])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["settings"]["n_tasks"] == 3 and not math.isnan(res["metrics"]["sa"]["mean"])
+    assert code == 0
