@@ -34,8 +34,9 @@ def build_task_sources(config: TrainConfig) -> dict[str, _TaskSource]:
 
     ``digits`` uses `robust_meta.data.digits_splits` (4 / 3 / 3 classes); ``omniglot`` is read
     by `robust_meta.datasets.load_omniglot` from ``data_folder`` (the official zips or their
-    extracted folders) and split by alphabet with `omniglot_splits` (seed 0, see
-    `omniglot_split_for`), meta-training with the 90°/180°/270° rotation classes; a
+    extracted folders) and split by alphabet (see `omniglot_split_for`), meta-training with
+    the 90°/180°/270° rotation classes (a torchmeta root holding ``omniglot/data.hdf5`` is
+    read by torchmeta with its own splits); a
     ``tensor:PATH`` dataset is split 60 / 20 / 20 % of its classes with seed 0; the other
     torchmeta datasets use their own meta-train / meta-val / meta-test splits.
 
@@ -47,6 +48,12 @@ def build_task_sources(config: TrainConfig) -> dict[str, _TaskSource]:
 
     name = config.dataset
     if name == "omniglot" or name.startswith("omniglot-"):
+        folder = Path(config.data_folder).expanduser() if config.data_folder else None
+        if folder is not None and (folder / "omniglot" / "data.hdf5").is_file():
+            # a torchmeta root (omniglot/data.hdf5): torchmeta's loader and Vinyals splits
+            for split in ("train", "val", "test"):
+                D.check_torchmeta_folder("omniglot", str(folder), split=split)
+            return _torchmeta_sources(config, D, dataset="omniglot")
         return _omniglot_sources(config, D)
     if name in DATASET_PRESETS and DATASET_PRESETS[name].needs_folder:
         folder = config.data_folder
@@ -92,12 +99,13 @@ def _array_sources(config: TrainConfig, images: Tensor, labels: Tensor, splits: 
     return sources
 
 
-def _torchmeta_sources(config: TrainConfig, D: Any) -> dict[str, _TaskSource]:
+def _torchmeta_sources(config: TrainConfig, D: Any, dataset: str | None = None) -> dict[str, _TaskSource]:
     sources = {}
+    dataset = config.dataset if dataset is None else dataset
     for split_name in ("train", "val", "test"):
         def sample(n: int, seed: int, split_name=split_name) -> list[Task]:
             return D.torchmeta_tasks(
-                config.dataset, config.data_folder, split=split_name, ways=config.ways,
+                dataset, config.data_folder, split=split_name, ways=config.ways,
                 shots=config.shots, queries=config.queries, n_tasks=n, seed=seed % 2**63,
                 image_size=config.image_size,
             )

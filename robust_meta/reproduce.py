@@ -36,6 +36,7 @@ from typing import Any
 __all__ = [
     "OMNIGLOT_METHODS",
     "OmniglotReproduction",
+    "plot_ways",
     "reproduce_omniglot",
     "results_table",
 ]
@@ -195,8 +196,8 @@ def reproduce_omniglot(
         The ``results.json`` document.
 
     Raises:
-        FileNotFoundError: no Omniglot at ``data_folder``; ValueError: bad settings, too few
-        classes in a split for the asked N.
+        FileNotFoundError: no Omniglot at ``data_folder``.
+        ValueError: bad settings, or a split with fewer classes than the largest N.
     """
     from . import data as D
     from ._io import atomic_write_json, atomic_write_text
