@@ -285,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--meta-steps", type=int, default=None)
     r.add_argument("--test-tasks", type=int, default=None)
     r.add_argument("--device", default="auto")
+    r.add_argument("--workers", default="auto",
+                   help="runs at once, each in its own process (default auto: 2 on a CPU with >= 2 "
+                        "cores, else 1)")
     r.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
 
@@ -656,11 +659,20 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if args.test_tasks is not None:
         changes["test_tasks"] = args.test_tasks
     settings = OmniglotReproduction.quick(**changes) if args.quick else OmniglotReproduction(**changes)
+    if args.workers == "auto":
+        from .train import _device
+
+        workers = 2 if _device(args.device).type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+    else:
+        try:
+            workers = int(args.workers)
+        except ValueError:
+            raise UsageError(f"--workers must be an integer or 'auto', got {args.workers!r}") from None
     out = Path(args.out)
     t0 = time.perf_counter()
     try:
         doc = reproduce_omniglot(args.data_folder, out, settings=settings, device=args.device,
-                                 progress=args.progress)
+                                 progress=args.progress, workers=workers)
     except KeyboardInterrupt as err:
         from ._signals import exit_code
 

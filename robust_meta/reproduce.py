@@ -189,6 +189,7 @@ def reproduce_omniglot(
     settings: OmniglotReproduction | None = None,
     device: str = "auto",
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Train and evaluate every method at every N; write results.json, table.md and the plot.
 
@@ -198,7 +199,12 @@ def reproduce_omniglot(
         out: output folder (created; a second call resumes and skips finished runs).
         settings: the configuration (default `OmniglotReproduction()`; ``.quick()`` for CI).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
-        progress: a progress bar per method (and the training/evaluation bars inside).
+        progress: a progress bar per method (and, with one worker, the training/evaluation
+            bars inside).
+        workers: runs done at once, each in its own process with ``cores // workers`` threads
+            (the small Omniglot convolutions use two single-threaded processes on 2 cores
+            better than one two-threaded one). The runs are the same; their numbers can differ
+            in the last bits with the thread count (float summation order).
 
     Returns:
         The ``results.json`` document.
@@ -209,15 +215,13 @@ def reproduce_omniglot(
     """
     from . import data as D
     from ._io import atomic_write_json, atomic_write_text
-    from ._rng import step_seed
-    from ._train_config import resolve_device
     from ._train_data import omniglot_split_for
-    from .evaluation import evaluate
-    from .train import model_from_checkpoint, train
 
     settings = OmniglotReproduction() if settings is None else settings
     if not isinstance(settings, OmniglotReproduction):
         raise TypeError(f"settings must be an OmniglotReproduction, got {type(settings).__name__}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = D.load_omniglot(data_folder, image_size=settings.image_size)
@@ -236,80 +240,54 @@ def reproduce_omniglot(
         except ImportError:  # pragma: no cover - tqdm is a core dependency
             bar_cls = None
 
-    runs: list[dict[str, Any]] = []
     t_start = time.perf_counter()
-    for method in settings.methods:
-        bar = bar_cls(total=len(settings.ways), desc=method, unit="run") if bar_cls else None
-        for ways in settings.ways:
-            run_dir = out / "runs" / f"{method}-{ways}way"
-            result_path = run_dir / "result.json"
-            ident = _run_settings(settings, method, ways, splits)
-            key = _fingerprint(ident)
-            record = None
-            if result_path.is_file():
-                try:
-                    old = json.loads(result_path.read_text())
-                    record = old if old.get("key") == key else None
-                except (OSError, ValueError):
-                    record = None
-            if record is None:
-                if bar is not None:
-                    bar.set_postfix_str(f"{ways}-way: training")
-                cfg = settings.train_config(method, ways, str(Path(data_folder).resolve()), device=device)
-                best = run_dir / "best.pt"
-                if _finished_training(run_dir, cfg):
-                    train_seconds = _previous_train_seconds(run_dir)
-                else:
-                    t0 = time.perf_counter()
-                    best = train(cfg, out_dir=run_dir, resume=(run_dir / "last.pt").exists(), progress=progress)
-                    train_seconds = time.perf_counter() - t0 + _previous_train_seconds(run_dir)
-                    atomic_write_json({"train_seconds": train_seconds}, run_dir / "train_time.json")
-                if bar is not None:
-                    bar.set_postfix_str(f"{ways}-way: evaluating")
-                model, config, _ = model_from_checkpoint(best, device=resolve_device(device))
-                sampler = D.omniglot_task_sampler(
-                    data, splits, "test", ways=ways, shots=settings.shots,
-                    queries=settings.test_queries, seed=step_seed(settings.seed, f"test:{ways}") % 2**62,
-                )
-                tasks = sampler.sample(settings.test_tasks)
-                t0 = time.perf_counter()
-                res = evaluate(
-                    model, tasks, eps=settings.eps, steps=config.test_inner_steps,
-                    step_size=config.inner_lr, attacks=("pgd",), attack_steps=settings.eval_attack_steps,
-                    seed=settings.seed, progress=progress, checks=False,
-                )
-                eval_seconds = time.perf_counter() - t0
-                sa, ra = res.metrics["sa"], res.metrics["ra"]
-                record = {
-                    "key": key,
-                    "method": method,
-                    "ways": ways,
-                    "shots": settings.shots,
-                    "checkpoint": str(best.relative_to(out)) if best.is_relative_to(out) else str(best),
-                    "sa": {"mean": sa.mean, "ci95": sa.ci95},
-                    "ra": {"mean": ra.mean, "ci95": ra.ci95},
-                    "eps": settings.eps,
-                    "train_seconds": train_seconds,
-                    "eval_seconds": eval_seconds,
-                    "n_tasks": res.n_tasks,
-                    "attack": f"PGD-{settings.eval_attack_steps}",
-                    "train_mode": res.settings["train_mode"],
-                }
-                atomic_write_json(record, result_path)
-            runs.append({k: v for k, v in record.items() if k != "key"})
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
+    jobs = [(m, n) for m in settings.methods for n in settings.ways]
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    for m, n in jobs:
+        done = _finished_record(out, settings, m, n, splits)
+        if done is not None:
+            records[(m, n)] = done
+    bars = {}
+    if bar_cls is not None:
+        for i, m in enumerate(settings.methods):
+            finished = sum((m, n) in records for n in settings.ways)
+            bars[m] = bar_cls(total=len(settings.ways), initial=finished, desc=m, unit="run", position=i)
+    todo = [j for j in jobs if j not in records]
+    folder = str(Path(data_folder).resolve())
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for m, n in todo:
+                records[(m, n)] = _run_one(data, splits, settings, m, n, out, folder, device,
+                                           progress and workers == 1, bars.get(m))
+                if m in bars:
+                    bars[m].update(1)
+        else:
+            import multiprocessing as mp
+            import os
+
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            todo.sort(key=lambda j: -j[1])  # the widest (slowest) runs first: better packing
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
+                args = [(folder, settings, m, n, str(out), device) for m, n in todo]
+                for (m, n), rec in zip(todo, pool.imap(_pool_job, args)):
+                    records[(m, n)] = rec
+                    if m in bars:
+                        bars[m].update(1)
+    finally:
+        for bar in bars.values():
             bar.close()
 
+    runs = [{k: v for k, v in records[j].items() if k != "key"} for j in jobs]
     doc = {
         "runs": runs,
         "settings": {
             **settings.to_dict(),
             "data_folder": str(data_folder),
             "splits": splits.to_dict(),
-            "test_classes": {s: data.split(splits, s).num_classes for s in ("train", "val", "test")},
+            "classes": {s: data.split(splits, s).num_classes for s in ("train", "val", "test")},
             "device": device,
+            "workers": workers,
             "wall_seconds_this_call": time.perf_counter() - t_start,
         },
     }
@@ -320,6 +298,91 @@ def reproduce_omniglot(
     except ImportError as err:  # matplotlib is the [demo] extra
         print(f"no plot written: {err}")
     return doc
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _pool_job(args: tuple) -> dict[str, Any]:
+    """One (method, N) run in a worker process (data from the on-disk cache)."""
+    from . import data as D
+    from ._train_data import omniglot_split_for
+
+    folder, settings, method, ways, out, device = args
+    data = D.load_omniglot(folder, image_size=settings.image_size)
+    return _run_one(data, omniglot_split_for(data), settings, method, ways, Path(out), folder,
+                    device, False, None)
+
+
+def _finished_record(out: Path, settings: OmniglotReproduction, method: str, ways: int, splits: Any):
+    """The stored ``result.json`` of a run if it is for exactly these settings, else ``None``."""
+    path = out / "runs" / f"{method}-{ways}way" / "result.json"
+    key = _fingerprint(_run_settings(settings, method, ways, splits))
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) and old.get("key") == key else None
+
+
+def _run_one(data, splits, settings, method, ways, out, folder, device, progress, bar) -> dict[str, Any]:
+    """Train (or resume) and evaluate one (method, N) run; write its ``result.json``."""
+    from . import data as D
+    from ._io import atomic_write_json
+    from ._rng import step_seed
+    from ._train_config import resolve_device
+    from .evaluation import evaluate
+    from .train import model_from_checkpoint, train
+
+    run_dir = out / "runs" / f"{method}-{ways}way"
+    key = _fingerprint(_run_settings(settings, method, ways, splits))
+    if bar is not None:
+        bar.set_postfix_str(f"{ways}-way: training")
+    cfg = settings.train_config(method, ways, folder, device=device)
+    best = run_dir / "best.pt"
+    if _finished_training(run_dir, cfg):
+        train_seconds = _previous_train_seconds(run_dir)
+    else:
+        t0 = time.perf_counter()
+        best = train(cfg, out_dir=run_dir, resume=(run_dir / "last.pt").exists(), progress=progress)
+        train_seconds = time.perf_counter() - t0 + _previous_train_seconds(run_dir)
+        atomic_write_json({"train_seconds": train_seconds}, run_dir / "train_time.json")
+    if bar is not None:
+        bar.set_postfix_str(f"{ways}-way: evaluating")
+    model, config, _ = model_from_checkpoint(best, device=resolve_device(device))
+    sampler = D.omniglot_task_sampler(
+        data, splits, "test", ways=ways, shots=settings.shots, queries=settings.test_queries,
+        seed=step_seed(settings.seed, f"test:{ways}") % 2**62,
+    )
+    tasks = sampler.sample(settings.test_tasks)
+    t0 = time.perf_counter()
+    res = evaluate(
+        model, tasks, eps=settings.eps, steps=config.test_inner_steps, step_size=config.inner_lr,
+        attacks=("pgd",), attack_steps=settings.eval_attack_steps, seed=settings.seed,
+        progress=progress, checks=False,
+    )
+    eval_seconds = time.perf_counter() - t0
+    sa, ra = res.metrics["sa"], res.metrics["ra"]
+    record = {
+        "key": key,
+        "method": method,
+        "ways": ways,
+        "shots": settings.shots,
+        "checkpoint": str(best.relative_to(out)) if best.is_relative_to(out) else str(best),
+        "sa": {"mean": sa.mean, "ci95": sa.ci95},
+        "ra": {"mean": ra.mean, "ci95": ra.ci95},
+        "eps": settings.eps,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "n_tasks": res.n_tasks,
+        "attack": f"PGD-{settings.eval_attack_steps}",
+        "train_mode": res.settings["train_mode"],
+    }
+    atomic_write_json(record, run_dir / "result.json")
+    return record
 
 
 def _finished_training(run_dir: Path, cfg: Any) -> bool:

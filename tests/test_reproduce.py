@@ -111,6 +111,19 @@ def test_an_interrupted_run_resumes(tmp_path):
     assert doc["runs"][0]["sa"] == fresh["runs"][0]["sa"] and doc["runs"][0]["ra"] == fresh["runs"][0]["ra"]
 
 
+@needs_data
+def test_two_worker_processes_do_every_run(tmp_path):
+    settings = OmniglotReproduction.quick(methods=("maml", "rmaml-out-fgsm"), ways=(5, 10))
+    doc = reproduce_omniglot(OMNIGLOT, tmp_path / "out", settings=settings, progress=False, workers=2)
+    assert [(r["method"], r["ways"]) for r in doc["runs"]] == [
+        ("maml", 5), ("maml", 10), ("rmaml-out-fgsm", 5), ("rmaml-out-fgsm", 10)]
+    assert doc["settings"]["workers"] == 2
+    for r in doc["runs"]:
+        assert (tmp_path / "out" / r["checkpoint"]).is_file() and 0 <= r["ra"]["mean"] <= r["sa"]["mean"] + 1e-9
+    with pytest.raises(ValueError, match="workers"):
+        reproduce_omniglot(OMNIGLOT, tmp_path / "out", settings=settings, workers=0)
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
@@ -118,6 +131,7 @@ def test_an_interrupted_run_resumes(tmp_path):
         (["--methods", "maml,bogus"], "unknown methods"),
         (["--ways", "5,x"], "--ways"),
         (["--ways", "60"], "fewer than ways=60"),
+        (["--workers", "many"], "--workers"),
     ],
 )
 def test_bad_input_is_a_clear_error(argv, match, tmp_path, capsys):
