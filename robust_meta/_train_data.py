@@ -153,7 +153,9 @@ def _omniglot_sources(config: TrainConfig, D: Any) -> dict[str, _TaskSource]:
             "(images_background.zip, images_evaluation.zip or images_background_small1/2.zip) "
             "or their extracted folders"
         )
-    data = D.load_omniglot(folder, image_size=config.image_size)
+    if not Path(folder).expanduser().exists():
+        raise FileNotFoundError(f"data folder {folder!r} for dataset {config.dataset!r} does not exist")
+    data = D.load_omniglot(Path(folder).expanduser(), image_size=config.image_size)
     splits = omniglot_split_for(data)
     sources = {}
     for split_name in ("train", "val", "test"):

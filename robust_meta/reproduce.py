@@ -274,6 +274,11 @@ def reproduce_omniglot(
                     records[(m, n)] = rec
                     if m in bars:
                         bars[m].update(1)
+                # Shut down cleanly: the workers exit on the sentinel. (Leaving it to the
+                # context manager's terminate() can deadlock on the task queue's lock, which an
+                # idle worker holds while it waits, when a worker is killed.)
+                pool.close()
+                pool.join()
     finally:
         for bar in bars.values():
             bar.close()
