@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train MAML vs R-MAML_out on the embedded digits; table + plot",
                        description="Train MAML and R-MAML_out (FGSM) - optionally AQ and TRADES - on "
-                       "scikit-learn's 8x8 digits, evaluate on unseen classes, print SA/RA with 95%% "
+                       "scikit-learn's 8x8 digits, evaluate on unseen classes, print SA/RA with 95% "
                        "CIs, write results.json and an RA-versus-eps plot.")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     d.add_argument("--quick", action="store_true", help="a reduced setting that runs in seconds (tests)")
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reproduce a paper comparison: 'omniglot' (MAML/AQ/R-MAML_out, 1-shot 5-20 way)",
         description="Train maml, aq, rmaml-out-at, rmaml-out-trades and rmaml-out-fgsm on the "
                     "meta-train alphabets of Omniglot and evaluate each at 1-shot 5/10/15/20-way "
-                    "on the held-out alphabets (SA; RA under PGD-10 at eps = 10/255; 95%% CIs). "
+                    "on the held-out alphabets (SA; RA under PGD-10 at eps = 10/255; 95% CIs). "
                     "Writes OUT/results.json, OUT/table.md and OUT/omniglot_ways.png/.svg; a second "
                     "call resumes and skips finished runs.",
     )

@@ -19,12 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["eval"], ["plot"], ["presets"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["eval"], ["plot"], ["presets"], ["reproduce"]])
 def test_every_help_page_renders(command):
     run = subprocess.run([sys.executable, "-m", "robust_meta", *command, "--help"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "usage: robust-meta" in run.stdout
+    assert "%%" not in run.stdout  # argparse formats help= strings, not description=
 
 
 def _name(spec: str) -> str:
