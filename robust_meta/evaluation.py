@@ -573,7 +573,10 @@ def evaluate(
             torchattacks classes or instances, a sequence of them, or a dict
             ``label -> attack``. ``"pgd"`` is PGD-``attack_steps`` with random start.
             A class is built as ``cls(model, eps=ε)``; an instance keeps its own settings
-            except ``eps``, which is set to each ε of the sweep.
+            except ``eps``, which is set to each ε of the sweep on a private copy (every
+            sub-attack of a ``MultiAttack``/``AutoAttack`` too; the object passed in is never
+            modified). torchattacks' APGD/Square/MultiAttack/AutoAttack need
+            ``train_mode=False`` on a model with batch norm.
         attack_steps: iterations of ``"pgd"`` and ``"apgd"`` (default 10: PGD-10).
         attack_step_size: PGD step (default ``2.5·ε/attack_steps``).
         loss_fn: fine-tuning loss ``loss_fn(logits, targets)``; default cross-entropy.
