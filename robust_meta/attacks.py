@@ -264,11 +264,6 @@ def _torchattacks():
     return torchattacks
 
 
-def _base_class():
-    """``torchattacks.attack.Attack`` (imports torchattacks; raises the extra's ImportError)."""
-    return _torchattacks().attack.Attack
-
-
 def is_torchattacks(obj: object) -> bool:
     """Whether ``obj`` is a torchattacks attack class or instance (without importing it)."""
     ta = sys.modules.get("torchattacks")
