@@ -52,10 +52,10 @@ def main() -> dict:
             "FGSM-RS": ("fgsm", torchattacks.FFGSM(model, eps=eps, alpha=1.25 * eps)),
         }
         for aname, (native, ta) in attacks.items():
-            def run_native(native=native):
+            def run_native(native=native, model=model, x=x, y=y, fast=fast, eps=eps):
                 return perturb(native, model, x, y, params=fast, eps=eps)
 
-            def run_ta(ta=ta):
+            def run_ta(ta=ta, model=model, x=x, y=y, fast=fast, eps=eps):
                 return perturb(ta, model, x, y, params=fast, eps=eps, seed=0)
 
             # same result given the same random start (PGD: same draw; FFGSM also draws normals)
