@@ -201,10 +201,9 @@ def reproduce_omniglot(
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
         progress: a progress bar per method (and, with one worker, the training/evaluation
             bars inside).
-        workers: runs done at once, each in its own process with ``cores // workers`` threads
-            (the small Omniglot convolutions use two single-threaded processes on 2 cores
-            better than one two-threaded one). The runs are the same; their numbers can differ
-            in the last bits with the thread count (float summation order).
+        workers: runs done at once, each in its own process with ``cores // workers`` threads.
+            The runs are the same; their numbers can differ in the last bits with the thread
+            count (float summation order).
 
     Returns:
         The ``results.json`` document.
