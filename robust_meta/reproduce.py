@@ -469,11 +469,11 @@ def plot_ways(doc: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
     fig.tight_layout()
     path = Path(path)
     png, svg = path.with_suffix(".png"), path.with_suffix(".svg")
+    import io
+
     from ._io import atomic_write_bytes
 
     for target, fmt in ((png, "png"), (svg, "svg")):
-        import io
-
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, dpi=120)
         atomic_write_bytes(buf.getvalue(), target)
