@@ -5,6 +5,7 @@ ICLR 2021. ``import robust_meta.compat.torchmeta`` makes torchmeta run on torch 
 not imported here.
 """
 
+from ._fast import CompileWarning, channels_last_wins, compile_available, fast_paths
 from ._version import __version__
 from .adapt import adapt
 from .anil import ANILHead
@@ -46,6 +47,7 @@ __all__ = [
     "ATTACKS",
     "Augment",
     "ClassSplits",
+    "CompileWarning",
     "ContrastiveAux",
     "Conv4",
     "EvalResult",
@@ -72,10 +74,13 @@ __all__ = [
     "call_features",
     "call_head",
     "call_model",
+    "channels_last_wins",
+    "compile_available",
     "confidence_interval",
     "digits_splits",
     "download_omniglot",
     "evaluate",
+    "fast_paths",
     "feature_inversion",
     "iter_tasks",
     "linf_pgd",

@@ -18,12 +18,17 @@ import torch
 from .attacks import ATTACKS
 from .presets import dataset_preset, method_preset
 
-__all__ = ["RESUMABLE_CHANGES", "SELECT", "TrainConfig", "resolve_device"]
+__all__ = ["AUTO_COMPILE_MIN_STEPS", "COMPILE", "RESUMABLE_CHANGES", "SELECT", "TrainConfig", "resolve_device"]
 
 #: Model-selection criteria (``TrainConfig.select``).
 SELECT = ("sa+ra", "sa", "ra", "last")
 #: Config keys that may change when a run is resumed (everything else must match).
-RESUMABLE_CHANGES = frozenset({"meta_steps", "device"})
+RESUMABLE_CHANGES = frozenset({"meta_steps", "device", "compile"})
+#: Values of ``TrainConfig.compile``.
+COMPILE = ("off", "on", "auto")
+#: ``compile="auto"`` compiles when at least this many meta-steps remain to be run (the
+#: compilation of a step's graphs costs ~30–60 s on a CPU).
+AUTO_COMPILE_MIN_STEPS = 200
 
 
 @dataclass
@@ -63,6 +68,12 @@ class TrainConfig:
         model: ``"conv4"``, ``"resnet12"`` or ``"resnet18"``; hidden: its width.
         image_size, in_channels: input shape (default from the dataset).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        compile: ``"on"``: run the inner-loop, attack and outer forward passes of first-order
+            steps through ``torch.compile`` (`robust_meta.fast_paths`); ``"auto"``: the same
+            when a compiler is available and at least `AUTO_COMPILE_MIN_STEPS` meta-steps
+            remain; ``"off"`` (default): eager. Compiled runs agree with eager ones to
+            floating-point tolerance, not bitwise (a resume is bitwise only with the same
+            setting).
     """
 
     method: str = "rmaml-out"
@@ -98,6 +109,7 @@ class TrainConfig:
     image_size: int | None = None
     in_channels: int | None = None
     device: str = "auto"
+    compile: str = "off"
 
     # -- conversions --------------------------------------------------------------
 
@@ -204,6 +216,8 @@ class TrainConfig:
         if self.attack not in ("pgd", "fgsm"):
             choices = ", ".join(a for a in ATTACKS if a in ("pgd", "fgsm"))
             raise ValueError(f"unknown training attack {self.attack!r}; choose from {choices}")
+        if self.compile not in COMPILE:
+            raise ValueError(f"unknown compile setting {self.compile!r}; choose from {', '.join(COMPILE)}")
         if self.select not in SELECT:
             raise ValueError(f"unknown selection criterion {self.select!r}; choose from {', '.join(SELECT)}")
         if self.model not in ("conv4", "resnet12", "resnet18"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections import OrderedDict
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _fast
 from ._checks import check_batch, check_labels, check_steps
 from .params import Params, call_model, named_params
 
@@ -64,6 +66,7 @@ def adapt(
     loss_fn: LossFn | None = None,
     regularizer: RobustnessRegularizer | None = None,
     gamma_in: float = 0.0,
+    compile: bool | str | None = None,
 ) -> Params:
     r"""Fine-tune ``model`` on a support set with ``steps`` gradient steps; return the weights.
 
@@ -90,6 +93,9 @@ def adapt(
         regularizer: robustness term R for the inner loop (e.g. ``ATRegularizer``).
         gamma_in: its weight γ_in; 0 disables it; ``float("inf")`` fine-tunes on the
             adversarial loss alone (AQ-style adversarial fine-tuning; AT regularizer only).
+        compile: ``True``/``"auto"``: run the steps' forward passes through ``torch.compile``
+            (first order only; `robust_meta.fast_paths`); ``False``: eager; ``None``
+            (default): as the enclosing `robust_meta.fast_paths` block says, eager outside one.
 
     Returns:
         ``dict[str, Tensor]`` of all parameters (adapted or not), usable as
@@ -142,7 +148,11 @@ def adapt(
             loss = loss + gamma_in * reg.value
         return loss
 
-    return inner_loop(start, lrs, steps, first_order, loss_at)
+    if compile is None:
+        return inner_loop(start, lrs, steps, first_order, loss_at)
+    on = _fast.resolve_compile(compile, _fast.model_device(model))
+    with _fast.policy(on, _fast.current_channels_last()):
+        return inner_loop(start, lrs, steps, first_order, loss_at)
 
 
 def inner_loop(
@@ -162,8 +172,9 @@ def inner_loop(
         first_order = True
     fast: Params = OrderedDict(start) if outer_grad else OrderedDict((k, v.detach()) for k, v in start.items())
     names = list(lrs)
+    # A second-order step differentiates its gradient again: compiled graphs cannot, so eager.
     for k in range(steps):
-        with torch.enable_grad():
+        with torch.enable_grad(), (contextlib.nullcontext() if first_order else _fast.eager()):
             if not outer_grad:
                 for n in names:
                     fast[n] = fast[n].detach().requires_grad_(True)

@@ -181,6 +181,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "first_order": "first-order MAML (inner gradients as constants)",
         "select": "model selection on meta-validation tasks: sa+ra, sa, ra or last",
         "device": "auto, cpu, cuda, cuda:1, ...",
+        "compile": "torch.compile the first-order meta-step's forward passes: off (default), on, or "
+                   "auto (on when a compiler is available and >= 200 steps remain)",
     }
     g = p.add_argument_group("training options (override the config file and the presets)")
     for f in dataclasses.fields(TrainConfig):
@@ -256,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="write the result as JSON (and CSV next to it), atomically")
     e.add_argument("--resume", action="store_true",
                    help="if OUT already holds this evaluation (same checkpoint file and options), do not redo it")
+    e.add_argument("--workers", default="1",
+                   help="processes evaluating tasks at once on this CPU: an integer or auto (one per "
+                        "core); the per-task values are the same for any number (default 1)")
+    e.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the fine-tuning and attack steps: auto (default: when a "
+                        "compiler is available and >= 100 tasks per worker), on, off")
     e.add_argument("--no-progress", dest="progress", action="store_false")
 
     pl = sub.add_parser("plot", help="plot RA versus eps from results/eval JSON files")
@@ -338,6 +346,7 @@ def _eval_checkpoint(
     eps: Sequence[float] | None = None, steps: int | None = None, step_size: float | None = None,
     attack_steps: int = 10, finetune: str = "standard", data_folder: str | None = None,
     device: str = "auto", seed: int = 0, progress: bool = True, mode: str = "train",
+    workers: int = 1, compile: str = "auto",
 ):
     from .anil import ANILHead
     from .evaluation import evaluate
@@ -359,11 +368,27 @@ def _eval_checkpoint(
         model, task_list, eps=eps_list, steps=config.test_inner_steps if steps is None else steps,
         step_size=config.inner_lr if step_size is None else step_size, finetune=finetune,
         anil=anil, attacks=tuple(attacks), attack_steps=attack_steps, seed=seed, progress=progress,
-        train_mode=mode == "train",
+        train_mode=mode == "train", workers=workers,
+        compile={"on": True, "off": False}.get(compile, compile),
     )
     result.settings.update({"checkpoint": str(path), "split": split, "method": config.method,
                             "dataset": config.dataset, "train_eps": config.eps})
     return result, config
+
+
+def _workers_arg(value: str, device: str) -> int:
+    """``--workers``: an integer >= 1, or ``auto`` (one per core on a CPU, 1 on a GPU)."""
+    from .train import _device
+
+    if value == "auto":
+        return max(1, os.cpu_count() or 1) if _device(device).type == "cpu" else 1
+    try:
+        workers = int(value)
+    except ValueError:
+        raise UsageError(f"--workers must be an integer or 'auto', got {value!r}") from None
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
+    return workers
 
 
 def _eval_request(args: argparse.Namespace, attacks: Sequence[str]) -> dict[str, Any]:
@@ -375,7 +400,7 @@ def _eval_request(args: argparse.Namespace, attacks: Sequence[str]) -> dict[str,
         "attacks": list(attacks), "eps": None if args.eps is None else [float(e) for e in args.eps],
         "steps": args.steps, "step_size": args.step_size, "attack_steps": args.attack_steps,
         "finetune": args.finetune, "data_folder": args.data_folder, "seed": args.seed,
-        "mode": args.mode,
+        "mode": args.mode, "compile": args.compile,
     }
 
 
@@ -443,7 +468,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             args.checkpoint, tasks=args.tasks, split=args.split, attacks=attacks, eps=args.eps,
             steps=args.steps, step_size=args.step_size, attack_steps=args.attack_steps,
             finetune=args.finetune, data_folder=args.data_folder, device=args.device, seed=args.seed,
-            progress=args.progress, mode=args.mode,
+            progress=args.progress, mode=args.mode, workers=_workers_arg(args.workers, args.device),
+            compile=args.compile,
         )
         result.settings["request"] = request
         print(f"{config.method} on {config.dataset} ({args.split} split, {result.n_tasks} tasks)")

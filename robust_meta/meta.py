@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from . import _fast
 from ._checks import check_batch, check_labels, check_pixels
 from .attacks import AttackLike, attack_eps
 from .params import call_model, named_params
@@ -99,6 +100,11 @@ class RobustMetaUpdate:
             ``attack``/``eps``.
         aux: an auxiliary term (e.g. ``ContrastiveAux``) added as is.
         check_inputs: validate shapes, labels, pixel range and NaN on every call.
+        compile: ``True``/``"auto"``: run the forward passes of the call (clean, attack steps,
+            adversarial) through ``torch.compile`` and on the faster memory layout
+            (`robust_meta.fast_paths`; ``"auto"`` only where a compiler is available);
+            ``False``: eager; ``None`` (default): whatever the enclosing `robust_meta.fast_paths`
+            block (or `robust_meta.train`) says, eager outside one.
 
     Example:
         >>> robust_loss = RobustMetaUpdate(F.cross_entropy, model, attack="fgsm", eps=2/255, gamma_out=0.2)
@@ -122,6 +128,7 @@ class RobustMetaUpdate:
         regularizer: RobustnessRegularizer | None = None,
         aux: AuxLoss | None = None,
         check_inputs: bool = True,
+        compile: bool | str | None = None,
     ):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -144,6 +151,8 @@ class RobustMetaUpdate:
         self.regularizer = regularizer
         self.aux = aux
         self.check_inputs = check_inputs
+        self.compile = compile
+        self._fast = None if compile is None else _fast.resolve_compile(compile, _fast.model_device(model))
         self.last: MetaStepStats | None = None
 
     def __repr__(self) -> str:
@@ -184,6 +193,13 @@ class RobustMetaUpdate:
         Shape:
             inputs: ``(B, C, H, W)``; targets: ``(B,)``; unlabeled: ``(U, C, H, W)``.
         """
+        if self._fast is None:
+            return self._call(inputs, targets, params, unlabeled, model)
+        with _fast.policy(self._fast, _fast.current_channels_last()):
+            return self._call(inputs, targets, params, unlabeled, model)
+
+    def _call(self, inputs: Tensor, targets: Tensor, params: Mapping[str, Tensor] | None,
+              unlabeled: Tensor | None, model: nn.Module | None) -> Tensor:
         model = self.model if model is None else model
         if self.check_inputs:
             check_batch(inputs, targets)

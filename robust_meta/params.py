@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from . import _fast
+
 Params = dict[str, Tensor]
 FeatureSpec = str | Callable[..., Tensor] | None
 
@@ -85,10 +87,14 @@ def call_model(model: nn.Module, x: Tensor, params: Mapping[str, Tensor] | None 
     Shape:
         x: ``(B, ...)`` -> logits ``(B, C)``.
     """
+    if is_meta_module(model):
+        return model(x) if params is None else model(x, params=params)
+    if _fast.active():
+        out = _fast.fast_call(model, x, params)
+        if out is not None:
+            return out
     if params is None:
         return model(x)
-    if is_meta_module(model):
-        return model(x, params=params)
     return _functional(model, "forward", params, (x,))
 
 

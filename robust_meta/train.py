@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _fast
 from . import distributed as dist_
 from ._checkpoint import (
     CHECKPOINT_FORMAT,
@@ -68,6 +69,7 @@ from ._checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
+from ._fast import resolve_compile
 from ._io import atomic_save, remove_stale_temps
 from ._io import atomic_write_text as _atomic_write_text
 from ._rng import forked_rng as _forked_rng
@@ -76,7 +78,7 @@ from ._rng import seed_all as _seed_all
 from ._rng import set_rng_state as _set_rng_state
 from ._rng import step_seed
 from ._signals import Interrupted, SignalGuard
-from ._train_config import RESUMABLE_CHANGES, SELECT, TrainConfig
+from ._train_config import AUTO_COMPILE_MIN_STEPS, RESUMABLE_CHANGES, SELECT, TrainConfig
 from ._train_config import resolve_device as _device
 from ._train_data import _array_sources, _TaskSource, _torchmeta_sources, build_task_sources
 from .adapt import adapt
@@ -586,7 +588,12 @@ def _train(
     if boundary is not None and ckpt is not None:
         boundary.saved = True
     try:
-        with open(log_path if main_process else os.devnull, "a", encoding="utf-8") as log_file:
+        fast_ctx = _fast.policy(
+            resolve_compile({"on": True, "off": False}.get(config.compile, config.compile), device,
+                            work=config.meta_steps - start, min_work=AUTO_COMPILE_MIN_STEPS),
+            "auto",
+        )
+        with open(log_path if main_process else os.devnull, "a", encoding="utf-8") as log_file, fast_ctx:
             for step in range(start + 1, config.meta_steps + 1):
                 # -- the step's work: a signal here discards it (the boundary is untouched) --
                 _seed_all(step_seed(config.seed, step))
