@@ -248,11 +248,20 @@ def fast_call(model: nn.Module, x: Tensor, params: Mapping[str, Tensor] | None) 
         return torch.func.functional_call(model, dict(params), (x,), strict=False) if params is not None \
             else model(x)
     weights = dict(model.named_parameters()) if params is None else dict(params)
-    buffers = dict(model.named_buffers())
+    own = dict(model.named_buffers())
+    # The compiled graph updates (batch-norm) buffers with a copy_ that bumps their autograd
+    # version, which would invalidate a second-order graph that saved them; eager kernels
+    # update them in place without a bump. So: clones in, values written back through .data.
+    buffers = {k: b.clone() for k, b in own.items()}
     try:
-        return _compiled_forward(model)(weights, buffers, x)
+        out = _compiled_forward(model)(weights, buffers, x)
     except Exception as exc:  # a compile failure, or a real error that eager raises again
         err = exc
+    else:
+        with torch.no_grad():
+            for k, b in own.items():
+                b.data.copy_(buffers[k])
+        return out
     # Outside the except block, so that a real error is not chained to the compiler's.
     out = torch.func.functional_call(model, {**buffers, **weights}, (x,), strict=False)
     _BROKEN.add(model)

@@ -370,9 +370,10 @@ def evaluate_distributed(
     **Randomness.** With ``seed=s`` task ``i`` (its index in ``tasks``) is evaluated with
     its attacks seeded by ``s + i``, so the per-task values do not depend on the number of
     ranks: a 2-rank run equals a 1-process ``evaluate_distributed(..., seed=s)`` exactly.
-    (Plain ``evaluate(seed=s)`` seeds once and draws the tasks' random starts from one
-    stream, so its values differ from these.) With ``seed=None`` each shard is evaluated
-    in one call; the values then equal plain ``evaluate`` only for deterministic attacks.
+    Plain ``evaluate(seed=s)`` seeds task ``i`` with ``s + i`` too, so it gives the same
+    values (as does ``evaluate(..., workers=N)``). With ``seed=None`` each shard is evaluated
+    in one call with a base seed taken from that rank's generator; the values then equal
+    plain ``evaluate`` only for deterministic attacks.
 
     **Checks.** The first-task checks run on task 0 (on rank 0); the checks on the metrics
     (RA above SA, RA rising with ε or attack strength) run on the gathered values.

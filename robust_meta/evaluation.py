@@ -600,8 +600,9 @@ def evaluate(
         seed: seed of the random starts of the attacks: task ``i`` is evaluated on a private
             random stream seeded with ``seed + i``, so its values do not depend on the other
             tasks, on ``workers`` or on `robust_meta.distributed.evaluate_distributed`. ``None``
-            draws the base seed from torch's global generator (one draw). The global RNG state
-            is otherwise left as it was.
+            takes the base seed from the current state of torch's global generator (so a
+            ``torch.manual_seed`` before the call makes it reproducible, and two calls from
+            the same state give the same values). The global RNG state is left as it was.
         workers: evaluate the tasks in this many processes on this machine (CPU; each gets
             ``threads // workers`` torch threads). The per-task values are the same as with
             ``workers=1``. The model, ``loss_fn`` and attacks must be picklable (no lambdas).
@@ -690,7 +691,9 @@ def evaluate(
     )
     _fast._check_channels_last(channels_last)
     if seed is None:
-        base_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        # Drawn from the caller's generator, which is then put back: evaluate never moves it.
+        with torch.random.fork_rng(devices=[]):
+            base_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     else:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
