@@ -5,7 +5,6 @@ ICLR 2021. ``import robust_meta.compat.torchmeta`` makes torchmeta run on torch 
 not imported here.
 """
 
-from ._fast import CompileWarning, channels_last_wins, compile_available, fast_paths
 from ._version import __version__
 from .adapt import adapt
 from .anil import ANILHead
@@ -35,6 +34,7 @@ from .datasets import (
     omniglot_task_sampler,
 )
 from .evaluation import EvalResult, EvalWarning, Metric, confidence_interval, evaluate
+from .fast import CompileWarning, channels_last_wins, compile_available, fast_paths
 from .meta import MetaStepStats, RobustMetaUpdate
 from .models import Conv4, ResNet12, ResNet18, build_model
 from .params import ModelAt, call_features, call_head, call_model, named_params

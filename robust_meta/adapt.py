@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _fast
+from . import fast as _fast
 from ._checks import check_batch, check_labels, check_steps
 from .params import Params, call_model, named_params
 
@@ -150,8 +150,8 @@ def adapt(
 
     if compile is None:
         return inner_loop(start, lrs, steps, first_order, loss_at)
-    on = _fast.resolve_compile(compile, _fast.model_device(model))
-    with _fast.policy(on, _fast.current_channels_last()):
+    on = _fast.resolve_compile(compile, _fast._model_device(model))
+    with _fast._use_policy(on, _fast._current_channels_last()):
         return inner_loop(start, lrs, steps, first_order, loss_at)
 
 
@@ -174,7 +174,7 @@ def inner_loop(
     names = list(lrs)
     # A second-order step differentiates its gradient again: compiled graphs cannot, so eager.
     for k in range(steps):
-        with torch.enable_grad(), (contextlib.nullcontext() if first_order else _fast.eager()):
+        with torch.enable_grad(), (contextlib.nullcontext() if first_order else _fast._eager()):
             if not outer_grad:
                 for n in names:
                     fast[n] = fast[n].detach().requires_grad_(True)

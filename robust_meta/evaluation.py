@@ -41,13 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _fast
+from . import fast as _fast
 from ._checks import check_eps, check_steps
-from ._fast import resolve_compile
 from .adapt import LossFn, StepSize, adapt
 from .anil import ANILHead
 from .attacks import AttackLike, PGDAttack, _check_spec, is_torchattacks, perturb
 from .data import Task, iter_tasks
+from .fast import resolve_compile
 from .params import Params, call_model, named_params, preserved_buffers
 from .regularizers import ATRegularizer
 
@@ -815,7 +815,7 @@ def _eval_task(model: nn.Module, job: _EvalJob, index: int, raw: Any, task_seed:
     row: dict[str, float] = {}
     msgs: list[str] = []
     with torch.random.fork_rng(devices=devices), preserved_buffers(model), \
-            _fast.policy(job.compile, job.channels_last):
+            _fast._use_policy(job.compile, job.channels_last):
         torch.manual_seed(task_seed)
         model.train(job.mode)
         task = _prepare(raw, job.device, job.dtype)

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from . import _fast
+from . import fast as _fast
 from ._checks import check_batch, check_labels, check_pixels
 from .attacks import AttackLike, attack_eps
 from .params import call_model, named_params
@@ -152,7 +152,7 @@ class RobustMetaUpdate:
         self.aux = aux
         self.check_inputs = check_inputs
         self.compile = compile
-        self._fast = None if compile is None else _fast.resolve_compile(compile, _fast.model_device(model))
+        self._fast = None if compile is None else _fast.resolve_compile(compile, _fast._model_device(model))
         self.last: MetaStepStats | None = None
 
     def __repr__(self) -> str:
@@ -195,7 +195,7 @@ class RobustMetaUpdate:
         """
         if self._fast is None:
             return self._call(inputs, targets, params, unlabeled, model)
-        with _fast.policy(self._fast, _fast.current_channels_last()):
+        with _fast._use_policy(self._fast, _fast._current_channels_last()):
             return self._call(inputs, targets, params, unlabeled, model)
 
     def _call(self, inputs: Tensor, targets: Tensor, params: Mapping[str, Tensor] | None,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from . import _fast
+from . import fast as _fast
 
 Params = dict[str, Tensor]
 FeatureSpec = str | Callable[..., Tensor] | None
@@ -89,8 +89,8 @@ def call_model(model: nn.Module, x: Tensor, params: Mapping[str, Tensor] | None 
     """
     if is_meta_module(model):
         return model(x) if params is None else model(x, params=params)
-    if _fast.active():
-        out = _fast.fast_call(model, x, params)
+    if _fast._active():
+        out = _fast._fast_call(model, x, params)
         if out is not None:
             return out
     if params is None:

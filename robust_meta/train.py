@@ -55,8 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _fast
 from . import distributed as dist_
+from . import fast as _fast
 from ._checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -69,7 +69,6 @@ from ._checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from ._fast import resolve_compile
 from ._io import atomic_save, remove_stale_temps
 from ._io import atomic_write_text as _atomic_write_text
 from ._rng import forked_rng as _forked_rng
@@ -85,6 +84,7 @@ from .adapt import adapt
 from .anil import ANILHead
 from .attacks import perturb
 from .data import Task
+from .fast import resolve_compile
 from .meta import RobustMetaUpdate
 from .params import call_model, preserved_buffers
 from .presets import method_preset
@@ -588,7 +588,7 @@ def _train(
     if boundary is not None and ckpt is not None:
         boundary.saved = True
     try:
-        fast_ctx = _fast.policy(
+        fast_ctx = _fast._use_policy(
             resolve_compile({"on": True, "off": False}.get(config.compile, config.compile), device,
                             work=config.meta_steps - start, min_work=AUTO_COMPILE_MIN_STEPS),
             "auto",

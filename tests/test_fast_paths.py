@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import robust_meta as rm
-from robust_meta import _fast
+from robust_meta import fast as _fast
 from robust_meta.distributed import evaluate_distributed
 
 needs_compiler = pytest.mark.skipif(not rm.compile_available("cpu"), reason="no C++ compiler for inductor")
@@ -144,11 +144,11 @@ def test_failed_compilation_warns_and_runs_eagerly(monkeypatch):
         return fn
 
     monkeypatch.setattr(_fast, "_compiled_forward", broken)
-    with _fast.policy(True, False), pytest.warns(rm.CompileWarning, match="inductor exploded"):
+    with _fast._use_policy(True, False), pytest.warns(rm.CompileWarning, match="inductor exploded"):
         out = rm.call_model(model, x, dict(model.named_parameters()))
     torch.testing.assert_close(out, model(x))
     # Marked broken: the next call is eager and silent.
-    with _fast.policy(True, False), warnings.catch_warnings():
+    with _fast._use_policy(True, False), warnings.catch_warnings():
         warnings.simplefilter("error")
         rm.call_model(model, x, dict(model.named_parameters()))
 
@@ -163,7 +163,7 @@ def test_a_real_error_is_not_hidden_by_the_fallback(monkeypatch):
 
     monkeypatch.setattr(_fast, "_compiled_forward", broken)
     bad = torch.rand(2, 5, 8, 8, dtype=torch.float64)  # 5 channels into a 1-channel conv
-    with _fast.policy(True, False), pytest.raises(RuntimeError, match="channels") as info:
+    with _fast._use_policy(True, False), pytest.raises(RuntimeError, match="channels") as info:
         rm.call_model(model, bad, dict(model.named_parameters()))
     assert info.value.__context__ is None  # not chained to the compiler's exception
 
@@ -206,7 +206,7 @@ def test_meta_modules_are_never_compiled(monkeypatch):
 
     monkeypatch.setattr(_fast, "_compiled_forward", refuse)
     m = Meta()
-    with _fast.policy(True, "auto"):
+    with _fast._use_policy(True, "auto"):
         out = rm.call_model(m, torch.rand(3, 4), dict(m.named_parameters()))
     assert out.shape == (3, 2)
 
@@ -249,7 +249,7 @@ def test_channels_last_gives_the_same_values():
     assert a.metrics["sa"].values == b.metrics["sa"].values
     assert a.metrics["ra"].values == b.metrics["ra"].values
     x = tasks[0][2]
-    with _fast.policy(False, True):
+    with _fast._use_policy(False, True):
         cl = rm.call_model(model, x, dict(model.named_parameters()))
     torch.testing.assert_close(cl, model(x), rtol=1e-10, atol=1e-12)
 

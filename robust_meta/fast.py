@@ -156,7 +156,7 @@ def _any_device() -> str:
 
 
 @contextlib.contextmanager
-def policy(compile: bool, channels_last: bool | str) -> Iterator[None]:
+def _use_policy(compile: bool, channels_last: bool | str) -> Iterator[None]:
     """Internal: enter an already resolved policy (entry points resolve ``"auto"`` themselves)."""
     token = _POLICY.set(_Policy(bool(compile), _check_channels_last(channels_last)))
     try:
@@ -166,7 +166,7 @@ def policy(compile: bool, channels_last: bool | str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def eager() -> Iterator[None]:
+def _eager() -> Iterator[None]:
     """Internal: force eager forward passes (second-order inner loops)."""
     token = _EAGER.set(True)
     try:
@@ -175,20 +175,20 @@ def eager() -> Iterator[None]:
         _EAGER.reset(token)
 
 
-def current_channels_last() -> bool | str:
+def _current_channels_last() -> bool | str:
     """The enclosing policy's ``channels_last`` setting (``"auto"`` outside any)."""
     p = _POLICY.get()
     return "auto" if p is None else p.channels_last
 
 
-def model_device(model: nn.Module) -> torch.device:
+def _model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for an empty model)."""
     for t in itertools.chain(model.parameters(), model.buffers()):
         return t.device
     return torch.device("cpu")
 
 
-def active() -> bool:
+def _active() -> bool:
     """Whether a fast-path policy is in force here."""
     p = _POLICY.get()
     return p is not None and (p.compile or p.channels_last is not False) and not _EAGER.get()
@@ -236,7 +236,7 @@ def _compiled_forward(model: nn.Module) -> Callable:
     return fn
 
 
-def fast_call(model: nn.Module, x: Tensor, params: Mapping[str, Tensor] | None) -> Tensor | None:
+def _fast_call(model: nn.Module, x: Tensor, params: Mapping[str, Tensor] | None) -> Tensor | None:
     """``model(x)`` at ``params`` on the fast path, or ``None`` when the call is not eligible."""
     p = _POLICY.get()
     if p is None or _EAGER.get() or not isinstance(x, Tensor):
