@@ -162,6 +162,8 @@ def test_bad_or_missing_checkpoint_is_a_clear_error_and_file_untouched(tmp_path,
         (["train", "--eps", "8", "--out", "X"], "did you mean 8/255"),
         (["train", "--eps", "abc", "--out", "X"], "fraction like 8/255"),
         (["eval", "CKPT", "--attack", "pgdd"], "unknown attack 'pgdd'"),
+        (["eval", "CKPT", "--compile", "maybe"], "invalid choice: 'maybe'"),
+        (["train", "--compile", "maybe", "--out", "X"], "unknown compile setting 'maybe'"),
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -225,6 +227,26 @@ def test_eval_writes_atomically_and_resume_skips_finished_work(tmp_path, capsys,
     assert code == 130 and "interrupted" in err
     assert (ev.read_text(), ev.with_suffix(".csv").read_text()) == before
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.slow  # spawns two worker processes
+@pytest.mark.filterwarnings("ignore:RA .* is above SA")
+def test_eval_workers_give_the_values_of_one_process(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", *TINY_ARGS, "--method", "maml", "--meta-steps", "2", "--out", str(run_dir))[0] == 0
+    results = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}.json"
+        code, _, err = run(capsys, "eval", str(run_dir / "best.pt"), "--tasks", "5", "--eps", "0,8/255",
+                           "--workers", workers, "--out", str(out), "--no-progress")
+        assert code == 0, err
+        results[workers] = json.loads(out.read_text())
+    assert results["2"]["settings"]["workers"] == 2
+    for name, metric in results["1"]["metrics"].items():
+        assert results["2"]["metrics"][name]["values"] == metric["values"], name
+    for bad, match in (("0", "--workers must be >= 1"), ("many", "--workers must be an integer or 'auto'")):
+        code, _, err = run(capsys, "eval", str(run_dir / "best.pt"), "--tasks", "2", "--workers", bad)
+        assert code == 2 and match in err and "Traceback" not in err
 
 
 def test_train_interrupted_by_sigterm_exits_143_and_resumes(tmp_path, capsys, monkeypatch):
