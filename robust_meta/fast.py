@@ -202,14 +202,15 @@ def _has_conv2d(model: nn.Module) -> bool:
 def channels_last_wins(x: Tensor) -> bool:
     """The ``channels_last="auto"`` rule: whether NHWC is faster for this input.
 
-    Measured with ``benchmarks/memory_format.py`` (Conv4, forward + gradient, 2-core CPU):
-    colour images of 64×64 pixels and up run 1.3–1.7× faster in channels_last; one-channel
-    28×28 images run at the same speed or up to 1.4× slower. So: CPU, ≥ 3 channels and both
-    sides ≥ 64. CUDA is left contiguous until a GPU measurement says otherwise.
+    Measured with ``benchmarks/memory_format.py`` (Conv4, forward + input or weight gradient,
+    2-core CPU, docs/performance.md): colour images of 32×32 pixels and up run 1.1–1.7×
+    faster in channels_last; one-channel 28×28 images (Omniglot) run at the same speed or up
+    to 13% slower. So: CPU, ≥ 3 channels and both sides ≥ 32. CUDA inputs are left as they
+    are until a GPU measurement (``benchmarks/gpu.sh``) says otherwise.
     """
     if x.dim() != 4 or x.device.type != "cpu":
         return False
-    return x.shape[1] >= 3 and min(x.shape[2], x.shape[3]) >= 64
+    return x.shape[1] >= 3 and min(x.shape[2], x.shape[3]) >= 32
 
 
 def _layout(model: nn.Module, x: Tensor, setting: bool | str) -> Tensor:

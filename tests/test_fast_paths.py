@@ -223,7 +223,8 @@ def test_channels_last_rule():
     rule = rm.channels_last_wins
     assert rule(torch.empty(75, 3, 84, 84))
     assert not rule(torch.empty(75, 1, 28, 28))  # measured slower: stays contiguous
-    assert not rule(torch.empty(75, 3, 32, 32))
+    assert rule(torch.empty(75, 3, 32, 32))
+    assert not rule(torch.empty(75, 3, 16, 16))
     assert not rule(torch.empty(75, 3 * 84 * 84))
     conv = small_net(channels=3)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 84 * 84, 2))
