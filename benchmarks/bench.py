@@ -2,9 +2,9 @@
 
 Usage::
 
-    python benchmarks/bench.py [--quick] [--config conv4-84|omniglot-28|all] [--json out.json]
+    python benchmarks/bench.py [--quick] [--config conv4-84|omniglot-28|tiny|all] [--json out.json]
                                [--device cpu|cuda] [--dtype fp32|bf16] [--channels-last]
-                               [--no-extras] [--profile METHOD]
+                               [--no-extras] [--profile METHOD] [--compile off|on|auto]
 
 For each method (MAML, R-MAML_out with PGD-10 / FGSM / TRADES, AQ, R-MAML_both, ANIL,
 R-MAML_out-ANIL-FGSM, R-MAML_out-CL), first and second order, it measures one *meta-step*
@@ -13,7 +13,10 @@ the query set with :class:`robust_meta.RobustMetaUpdate`; mean over tasks, backw
 step):
 
 * median and min/max of the step time over ``--steps`` steps after warm-up, and the
-  ratio to plain MAML (same order) measured in the same process;
+  ratio to plain MAML (same order) measured in the same process. The methods are timed
+  **round-robin**: every method's step runs once per rep, in turn, so all of them see the
+  same machine conditions (not one method's steps after another's); the ``x MAML`` ratio
+  is also taken per rep (min–max shown);
 * FLOPs per step (``torch.utils.flop_counter.FlopCounterMode`` over the whole step:
   inner loop, attack, outer forward, backward), the achieved FLOP/s, and that as a fraction
   of this machine's large fp32 matmul FLOP/s and of a large conv forward+backward,
@@ -24,12 +27,23 @@ step):
 plus evaluation throughput (test tasks per second, S-FT 10 steps + PGD-10), a plain MAML
 step written with ``higher`` (if installed) side by side with ours, a ``torch.func.vmap``
 over tasks versus the per-task loop (evaluation and meta-step), and the effect of
-``check_inputs=False`` and ``channels_last`` on the R-MAML_out-FGSM step.
+``check_inputs=False`` and ``channels_last`` on the R-MAML_out-FGSM step (each comparison
+timed round-robin too).
+
+ANIL: the speedup of R-MAML_out-ANIL-FGSM over R-MAML_out-FGSM (per-rep ratio, median and
+min–max) is reported next to their FLOP ratio FGSM / ANIL-FGSM, with the verdict "meets its
+FLOP ratio" when the median speedup reaches the FLOP ratio ("... within the min–max spread"
+when only the best rep does).
+
+``--compile off|on|auto`` runs every robust-meta step (and the evaluation) inside
+``robust_meta.fast_paths(compile=...)`` (needs a robust_meta that has it). ``--config tiny``
+(28×28×1, hidden 8, 2 tasks; not part of ``all``) is for tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -88,7 +102,10 @@ CONFIGS = {
     "conv4-84": Config("conv4-84", 3, 84, 32, 5, 1, 15, 4),
     # MAML's Omniglot net (64 filters), 28x28 grey images, meta-batch 16.
     "omniglot-28": Config("omniglot-28", 1, 28, 64, 5, 1, 15, 16),
+    # For tests: seconds per run; the numbers mean nothing. Not part of --config all.
+    "tiny": Config("tiny", 1, 28, 8, 5, 1, 15, 2),
 }
+ALL_CONFIGS = ["conv4-84", "omniglot-28"]
 
 
 def make_tasks(cfg: Config, n: int, device, dtype, channels_last: bool, seed: int = 0):
@@ -139,8 +156,9 @@ class Step:
     """One meta-step of a method: callable, holds the model, optimizer and loss objects."""
 
     def __init__(self, method: Method, model: nn.Module, tasks, *, first_order: bool,
-                 check_inputs: bool = True):
+                 check_inputs: bool = True, context: Callable[[], contextlib.AbstractContextManager] | None = None):
         self.method, self.model, self.tasks, self.first_order = method, model, tasks, first_order
+        self.context = context
         aux = None
         extra: list[nn.Parameter] = []
         if method.cl:
@@ -161,19 +179,33 @@ class Step:
         self.anil = ANILHead(model) if method.anil else None
         self.opt = torch.optim.Adam([*model.parameters(), *extra], lr=1e-3)
 
+    def eager(self) -> Callable[[], float]:
+        """This step outside any ``--compile`` context (FLOPs are counted eagerly; same math)."""
+
+        def run() -> float:
+            context, self.context = self.context, None
+            try:
+                return self()
+            finally:
+                self.context = context
+
+        return run
+
     def __call__(self) -> float:
-        self.opt.zero_grad(set_to_none=True)
-        losses = []
-        for sx, sy, qx, qy in self.tasks:
-            if self.anil is not None:
-                fast = self.anil.adapt(sx, sy, steps=K_TRAIN, step_size=INNER_LR, first_order=self.first_order)
-            else:
-                fast = adapt(self.model, sx, sy, steps=K_TRAIN, step_size=INNER_LR, first_order=self.first_order,
-                             regularizer=self.inner_reg, gamma_in=0.2 if self.inner_reg else 0.0)
-            losses.append(self.robust(qx, qy, params=fast))
-        loss = torch.stack(losses).mean()
-        loss.backward()
-        self.opt.step()
+        with self.context() if self.context is not None else contextlib.nullcontext():
+            self.opt.zero_grad(set_to_none=True)
+            losses = []
+            for sx, sy, qx, qy in self.tasks:
+                if self.anil is not None:
+                    fast = self.anil.adapt(sx, sy, steps=K_TRAIN, step_size=INNER_LR, first_order=self.first_order)
+                else:
+                    fast = adapt(self.model, sx, sy, steps=K_TRAIN, step_size=INNER_LR,
+                                 first_order=self.first_order, regularizer=self.inner_reg,
+                                 gamma_in=0.2 if self.inner_reg else 0.0)
+                losses.append(self.robust(qx, qy, params=fast))
+            loss = torch.stack(losses).mean()
+            loss.backward()
+            self.opt.step()
         return float(loss.detach())
 
 
@@ -243,21 +275,19 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(fc.get_total_flops())
 
 
-def time_fn(fn: Callable[[], object], device, *, warmup: int, steps: int, memory: bool = False):
-    for _ in range(warmup):
-        fn()
+def _timed_call(fn: Callable[[], object], device, memory: bool, times: list, peaks: list) -> None:
+    base = reset_peak(device) if memory else None
+    t0 = time.perf_counter()
+    fn()
     sync(device)
-    times, peaks = [], []
-    for _ in range(steps):
-        base = reset_peak(device) if memory else None
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-        if memory:
-            peak = read_peak(device)
-            if peak is not None and base is not None:
-                peaks.append((peak, peak - base))
+    times.append(time.perf_counter() - t0)
+    if memory:
+        peak = read_peak(device)
+        if peak is not None and base is not None:
+            peaks.append((peak, peak - base))
+
+
+def _timing(times: list[float], peaks: list) -> dict:
     out = {
         "median_s": statistics.median(times),
         "min_s": min(times),
@@ -268,6 +298,48 @@ def time_fn(fn: Callable[[], object], device, *, warmup: int, steps: int, memory
         out["peak_bytes"] = max(p for p, _ in peaks)
         out["peak_over_start_bytes"] = max(d for _, d in peaks)
     return out
+
+
+def time_fn(fn: Callable[[], object], device, *, warmup: int, steps: int, memory: bool = False):
+    """Time one function alone (``steps`` calls after ``warmup``)."""
+    return time_round_robin({"fn": fn}, device, warmup=warmup, steps=steps, memory=memory)["fn"]
+
+
+def time_round_robin(fns: dict[str, Callable[[], object]], device, *, warmup: int, steps: int,
+                     memory: bool = False, on_error: bool = False) -> dict[str, dict | str]:
+    """Time several functions **interleaved**: ``warmup`` untimed rounds, then ``steps`` rounds
+    in each of which every function runs once, in the given order (A B C A B C ...), so that
+    all of them see the same machine conditions. Returns ``name -> time_fn``-style dict.
+
+    ``on_error=True``: a function that raises during warm-up is reported as
+    ``"failed: ..."`` and left out of the timed rounds (the others go on).
+    """
+    live = dict(fns)
+    out: dict[str, dict | str] = {}
+    for _ in range(warmup):
+        for name, fn in list(live.items()):
+            try:
+                fn()
+            except Exception as err:  # noqa: BLE001
+                if not on_error:
+                    raise
+                out[name] = f"failed: {type(err).__name__}: {str(err)[:120]}"
+                del live[name]
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in live}
+    peaks: dict[str, list] = {name: [] for name in live}
+    for _ in range(steps):
+        for name, fn in live.items():
+            _timed_call(fn, device, memory, times[name], peaks[name])
+    for name in live:
+        out[name] = _timing(times[name], peaks[name])
+    return {name: out[name] for name in fns}
+
+
+def per_rep_ratio(num: dict, den: dict) -> dict:
+    """``num / den`` per rep of a round-robin timing: median, min, max."""
+    r = [a / b for a, b in zip(num["times_s"], den["times_s"])]
+    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
 
 
 def matmul_flops_per_s(device, dtype, *, n: int, reps: int) -> float:
@@ -398,12 +470,11 @@ def vmap_vs_loop(model, tasks, device, *, warmup: int, steps: int, first_order: 
             p, sx, sy, qx, qy).mean())(params)
 
     out = {}
-    for name, fn in (("eval_loop", eval_loop), ("eval_vmap", eval_vmap),
-                     ("meta_loop", meta_loop), ("meta_vmap", meta_vmap)):
-        try:
-            out[name] = time_fn(fn, device, warmup=warmup, steps=steps)["median_s"]
-        except Exception as err:  # noqa: BLE001 - report, do not stop the benchmark
-            out[name] = f"failed: {type(err).__name__}: {str(err)[:120]}"
+    fns = {"eval_loop": eval_loop, "eval_vmap": eval_vmap, "meta_loop": meta_loop, "meta_vmap": meta_vmap}
+    # failures are reported, they do not stop the benchmark
+    timed = time_round_robin(fns, device, warmup=max(warmup, 1), steps=steps, on_error=True)
+    for name, t in timed.items():
+        out[name] = t if isinstance(t, str) else t["median_s"]
     for kind in ("eval", "meta"):
         a, b = out[f"{kind}_loop"], out[f"{kind}_vmap"]
         if isinstance(a, float) and isinstance(b, float):
@@ -414,7 +485,7 @@ def vmap_vs_loop(model, tasks, device, *, warmup: int, steps: int, first_order: 
 # ----------------------------------------------------------------------------- evaluation
 
 
-def eval_throughput(model, tasks, device, *, reps: int) -> dict:
+def eval_throughput(model, tasks, device, *, reps: int, context=None) -> dict:
     """Test tasks per second for S-FT 10 steps + PGD-10 (robust_meta.evaluation if present)."""
     try:
         from robust_meta.evaluation import evaluate
@@ -423,8 +494,9 @@ def eval_throughput(model, tasks, device, *, reps: int) -> dict:
 
     def run_eval():
         if evaluate is not None:
-            evaluate(model, tasks, eps=EPS, steps=10, step_size=INNER_LR, attacks=("pgd",),
-                     attack_steps=10, progress=False, checks=False)
+            with context() if context is not None else contextlib.nullcontext():
+                evaluate(model, tasks, eps=EPS, steps=10, step_size=INNER_LR, attacks=("pgd",),
+                         attack_steps=10, progress=False, checks=False)
             return
         for sx, sy, qx, qy in tasks:
             with torch.no_grad():
@@ -455,6 +527,24 @@ def profile_step(step: Callable[[], object], *, rows: int = 25) -> str:
 # ----------------------------------------------------------------------------- driver
 
 
+def fast_paths_context(setting: str | None) -> Callable[[], contextlib.AbstractContextManager] | None:
+    """``--compile`` -> a factory of ``robust_meta.fast_paths(compile=...)`` contexts (or None)."""
+    if setting is None:
+        return None
+    import robust_meta
+
+    value: bool | str = {"on": True, "off": False}.get(setting, setting)
+    return lambda: robust_meta.fast_paths(compile=value)
+
+
+def anil_verdict(speedup: dict, flop_ratio: float) -> str:
+    if speedup["median"] >= flop_ratio:
+        return "meets its FLOP ratio"
+    if speedup["max"] >= flop_ratio:
+        return "meets its FLOP ratio within the min–max spread"
+    return "below its FLOP ratio"
+
+
 def run_config(cfg: Config, args, device, dtype) -> dict:
     torch.manual_seed(0)
     base_model, model_src = build_conv4(cfg.in_channels, cfg.ways, cfg.hidden, cfg.image_size)
@@ -462,8 +552,12 @@ def run_config(cfg: Config, args, device, dtype) -> dict:
     n_tasks = 1 if args.quick else cfg.tasks
     tasks = make_tasks(cfg, n_tasks, device, dtype, args.channels_last)
     warmup, steps = (0, 1) if args.quick else (1, args.steps)
+    context = fast_paths_context(getattr(args, "compile", None))
+    if context is not None:  # the FLOP count runs eagerly: compile in an untimed call
+        warmup = max(warmup, 1)
     res: dict = {"config": vars(cfg) | {"tasks": n_tasks}, "model": model_src,
-                 "n_params": sum(p.numel() for p in base_model.parameters()), "methods": []}
+                 "n_params": sum(p.numel() for p in base_model.parameters()), "methods": [],
+                 "timing": "round-robin: every method once per rep, in turn"}
 
     def fresh():
         m = copy.deepcopy(base_model)
@@ -474,25 +568,31 @@ def run_config(cfg: Config, args, device, dtype) -> dict:
     orders = [True] if args.quick else [True, False]
     methods = [m for m in METHODS if not args.methods or m.name in args.methods]
     for first_order in orders:
+        # Every method's step is built first, then they are timed round-robin.
+        steps_by_name = {m.name: Step(m, fresh(), tasks, first_order=first_order, context=context)
+                         for m in methods}
+        flops_by_name = {name: count_flops(step.eager()) for name, step in steps_by_name.items()}  # warm-up
+        timed = time_round_robin(steps_by_name, device, warmup=warmup, steps=steps, memory=True)
         maml = None
         for method in methods:
-            step = Step(method, fresh(), tasks, first_order=first_order)
-            flops = count_flops(step)  # also the first warm-up step
-            t = time_fn(step, device, warmup=warmup, steps=steps, memory=True)
+            t, flops = timed[method.name], flops_by_name[method.name]
             row = {"method": method.name, "order": 1 if first_order else 2, "flops": flops,
                    "flop_per_s": flops / t["median_s"], **t}
             if method.name == "MAML":
                 maml = row
             if maml is not None:
                 row["time_ratio"] = t["median_s"] / maml["median_s"]
+                ratio = per_rep_ratio(t, maml)
+                row["time_ratio_min"], row["time_ratio_max"] = ratio["min"], ratio["max"]
                 row["flop_ratio"] = flops / maml["flops"]
                 row["time_over_flop_ratio"] = row["time_ratio"] / row["flop_ratio"]
             res["methods"].append(row)
             print(f"  {cfg.name} order{row['order']} {method.name:<22} {t['median_s'] * 1e3:9.1f} ms "
                   f"{flops / 1e9:8.2f} GFLOP", flush=True)
-            del step
+        del steps_by_name
     # references measured in the same run
-    res["matmul_flop_per_s"] = matmul_flops_per_s(device, dtype, n=2048 if not args.quick else 1024, reps=5)
+    small = args.quick or cfg.name == "tiny"
+    res["matmul_flop_per_s"] = matmul_flops_per_s(device, dtype, n=1024 if small else 2048, reps=5)
     res["conv_flop_per_s"] = conv_flops_per_s(device, dtype, channels=cfg.hidden, size=cfg.image_size // 2,
                                               batch=cfg.ways * cfg.queries, reps=3,
                                               channels_last=args.channels_last)
@@ -500,22 +600,30 @@ def run_config(cfg: Config, args, device, dtype) -> dict:
         row["frac_matmul"] = row["flop_per_s"] / res["matmul_flop_per_s"]
         row["frac_conv"] = row["flop_per_s"] / res["conv_flop_per_s"]
 
-    # ANIL target: R-MAML_out-ANIL-FGSM >= 3x faster than R-MAML_out-FGSM
+    # ANIL: the speedup of R-MAML_out-ANIL-FGSM over R-MAML_out-FGSM against their FLOP ratio
     by = {(r["method"], r["order"]): r for r in res["methods"]}
-    res["anil_speedup"] = {
-        o: by[("R-MAML_out-FGSM", o)]["median_s"] / by[("R-MAML_out-ANIL-FGSM", o)]["median_s"]
-        for o in (1, 2) if ("R-MAML_out-FGSM", o) in by and ("R-MAML_out-ANIL-FGSM", o) in by
-    }
+    res["anil"] = {}
+    for o in (1, 2):
+        fgsm, anil = by.get(("R-MAML_out-FGSM", o)), by.get(("R-MAML_out-ANIL-FGSM", o))
+        if fgsm is None or anil is None:
+            continue
+        speedup = per_rep_ratio(fgsm, anil)
+        flop_ratio = fgsm["flops"] / anil["flops"]
+        res["anil"][o] = {"speedup": speedup, "flop_ratio": flop_ratio,
+                          "verdict": anil_verdict(speedup, flop_ratio)}
+    # ratio of the medians, kept for readers of older result files
+    res["anil_speedup"] = {o: by[("R-MAML_out-FGSM", o)]["median_s"] / by[("R-MAML_out-ANIL-FGSM", o)]["median_s"]
+                           for o in res["anil"]}
 
     eval_tasks = make_tasks(cfg, 1 if args.quick else 4, device, dtype, args.channels_last, seed=1)
-    res["eval"] = eval_throughput(fresh(), eval_tasks, device, reps=1 if args.quick else 2)
+    res["eval"] = eval_throughput(fresh(), eval_tasks, device, reps=1 if args.quick else 2, context=context)
     print(f"  {cfg.name} eval {res['eval']['tasks_per_s']:.2f} tasks/s ({res['eval']['path']})", flush=True)
 
     if not args.no_extras:
         res["extras"] = extras(cfg, args, device, dtype, fresh, tasks, warmup, steps)
     if args.profile:
         method = next(m for m in METHODS if m.name == args.profile)
-        res["profile"] = profile_step(Step(method, fresh(), tasks, first_order=True))
+        res["profile"] = profile_step(Step(method, fresh(), tasks, first_order=True, context=context))
         print(res["profile"])
     return res
 
@@ -534,12 +642,13 @@ def extras(cfg, args, device, dtype, fresh, tasks, warmup, steps) -> dict:
             o = 1 if first_order else 2
             m1 = fresh()
             opt1 = torch.optim.Adam(m1.parameters(), lr=1e-3)
-            ours = time_fn(functools.partial(plain_maml_step, m1, opt1, tasks, first_order=first_order), device,
-                           warmup=max(warmup, 1), steps=steps, memory=True)
             m2 = fresh()
             opt2 = torch.optim.Adam(m2.parameters(), lr=1e-3)
-            peer = time_fn(functools.partial(higher_maml_step, m2, opt2, tasks, first_order=first_order), device,
-                           warmup=max(warmup, 1), steps=steps, memory=True)
+            timed = time_round_robin({
+                "ours": functools.partial(plain_maml_step, m1, opt1, tasks, first_order=first_order),
+                "higher": functools.partial(higher_maml_step, m2, opt2, tasks, first_order=first_order),
+            }, device, warmup=max(warmup, 1), steps=steps, memory=True)
+            ours, peer = timed["ours"], timed["higher"]
             rows[o] = {"robust_meta_s": ours["median_s"], "higher_s": peer["median_s"],
                        "higher_over_ours": peer["median_s"] / ours["median_s"],
                        "robust_meta_peak_over_start": ours.get("peak_over_start_bytes"),
@@ -549,7 +658,7 @@ def extras(cfg, args, device, dtype, fresh, tasks, warmup, steps) -> dict:
         out["higher"] = rows
     # cheap knobs on the R-MAML_out-FGSM step (first order)
     fgsm = next(m for m in METHODS if m.name == "R-MAML_out-FGSM")
-    knobs = {}
+    knob_steps = {}
     for label, kw, cl in (("default", {}, False), ("check_inputs=False", {"check_inputs": False}, False),
                           ("channels_last", {}, True)):
         model = fresh()
@@ -558,8 +667,9 @@ def extras(cfg, args, device, dtype, fresh, tasks, warmup, steps) -> dict:
             model = model.to(memory_format=torch.channels_last)
             tk = [(a.contiguous(memory_format=torch.channels_last), b,
                    c.contiguous(memory_format=torch.channels_last), d) for a, b, c, d in tasks]
-        step = Step(fgsm, model, tk, first_order=True, **kw)
-        knobs[label] = time_fn(step, device, warmup=max(warmup, 1), steps=steps)["median_s"]
+        knob_steps[label] = Step(fgsm, model, tk, first_order=True, **kw)
+    timed = time_round_robin(knob_steps, device, warmup=max(warmup, 1), steps=steps)
+    knobs = {label: t["median_s"] for label, t in timed.items()}
     out["fgsm_knobs_s"] = knobs
     print(f"  {cfg.name} FGSM knobs {knobs}", flush=True)
     # vmap over tasks vs loop
@@ -597,14 +707,16 @@ def fmt_table(results: dict) -> str:
         mm, cv = res["matmul_flop_per_s"], res["conv_flop_per_s"]
         lines.append(f"\n## {name} ({res['model']}, {res['n_params']} params, {res['config']['tasks']} tasks/step); "
                      f"matmul {mm / 1e9:.1f} GFLOP/s, conv fwd+bwd {cv / 1e9:.1f} GFLOP/s")
-        hdr = (f"| {'method':<22} | ord | median ms | min–max ms | x MAML | GFLOP | FLOP x | t/FLOP | "
-               f"GFLOP/s | %matmul | %conv | peak MiB |")
+        hdr = (f"| {'method':<22} | ord | median ms | min–max ms | x MAML | x MAML min–max | GFLOP | FLOP x | "
+               f"t/FLOP | GFLOP/s | %matmul | %conv | peak MiB |")
         lines += [hdr, "|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|"]
         for r in res["methods"]:
             peak = r.get("peak_over_start_bytes")
+            spread = (f"{r['time_ratio_min']:.2f}–{r['time_ratio_max']:.2f}" if "time_ratio_min" in r else "")
             lines.append(
                 f"| {r['method']:<22} | {r['order']:>3} | {r['median_s'] * 1e3:9.1f} | "
                 f"{r['min_s'] * 1e3:.0f}–{r['max_s'] * 1e3:.0f} | {r.get('time_ratio', float('nan')):6.2f} | "
+                f"{spread:>14} | "
                 f"{r['flops'] / 1e9:5.1f} | {r.get('flop_ratio', float('nan')):6.2f} | "
                 f"{r.get('time_over_flop_ratio', float('nan')):6.2f} | {r['flop_per_s'] / 1e9:7.1f} | "
                 f"{100 * r['frac_matmul']:6.1f}% | {100 * r['frac_conv']:4.0f}% | "
@@ -613,7 +725,11 @@ def fmt_table(results: dict) -> str:
         ev = res["eval"]
         lines.append(f"\neval (S-FT 10 + PGD-10, {ev['path']}): {ev['tasks_per_s']:.2f} tasks/s, "
                      f"{ev['flops_per_task'] / 1e9:.1f} GFLOP/task")
-        lines.append(f"ANIL-FGSM speedup over FGSM: { {k: round(v, 2) for k, v in res['anil_speedup'].items()} }")
+        for o, a in res.get("anil", {}).items():
+            sp = a["speedup"]
+            lines.append(f"order {o}: ANIL-FGSM speedup over FGSM {sp['median']:.2f}x "
+                         f"[{sp['min']:.2f}–{sp['max']:.2f}], FLOP ratio FGSM/ANIL-FGSM {a['flop_ratio']:.2f}: "
+                         f"{a['verdict']}")
         if "extras" in res:
             lines.append(f"extras: {json.dumps(res['extras'], default=str)}")
     return "\n".join(lines)
@@ -623,7 +739,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="1 task/step, first order only, 1 timed step after the FLOP-counting step")
-    p.add_argument("--config", choices=[*CONFIGS, "all"], default="conv4-84")
+    p.add_argument("--config", choices=[*CONFIGS, "all"], default="conv4-84",
+                   help=f"'all' = {', '.join(ALL_CONFIGS)}; 'tiny' is for tests")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -634,14 +751,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--vmap", action="store_true", help="run the vmap comparison even with --quick")
     p.add_argument("--profile", default=None, choices=[m.name for m in METHODS],
                    help="print a torch.profiler table of one first-order step of this method")
+    p.add_argument("--compile", choices=["off", "on", "auto"], default=None,
+                   help="run the robust-meta steps and the evaluation inside "
+                        "robust_meta.fast_paths(compile=...) (needs that API); default: as they are")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.compile is not None:
+        import robust_meta
+
+        if not hasattr(robust_meta, "fast_paths"):
+            p.error(f"--compile {args.compile}: this robust_meta ({robust_meta.__version__}) has no "
+                    "robust_meta.fast_paths")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    names = list(CONFIGS) if args.config == "all" else [args.config]
+    names = list(ALL_CONFIGS) if args.config == "all" else [args.config]
     t0 = time.perf_counter()
     results = {"machine": machine_info(device), "args": vars(args), "configs": {}}
     for name in names:
