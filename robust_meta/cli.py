@@ -182,7 +182,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "select": "model selection on meta-validation tasks: sa+ra, sa, ra or last",
         "device": "auto, cpu, cuda, cuda:1, ...",
         "compile": "torch.compile the first-order meta-step's forward passes: off (default), on, or "
-                   "auto (on when a compiler is available and >= 200 steps remain)",
+                   "auto (on with CUDA and triton when >= 200 steps remain)",
     }
     g = p.add_argument_group("training options (override the config file and the presets)")
     for f in dataclasses.fields(TrainConfig):
@@ -262,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes evaluating tasks at once on this CPU: an integer or auto (one per "
                         "core); the per-task values are the same for any number (default 1)")
     e.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the fine-tuning and attack steps: auto (default: when a "
-                        "compiler is available and >= 100 tasks per worker), on, off")
+                   help="torch.compile the fine-tuning and attack steps: auto (default: on CUDA "
+                        "with triton and >= 100 tasks per worker; never on a CPU), on, off")
     e.add_argument("--no-progress", dest="progress", action="store_false")
 
     pl = sub.add_parser("plot", help="plot RA versus eps from results/eval JSON files")

@@ -62,9 +62,8 @@ __all__ = [
     "AUTO_COMPILE_MIN_TASKS",
 ]
 
-#: ``evaluate(compile="auto")`` compiles when at least this many tasks per process are known
-#: to be coming: compiling costs ~10–30 s on a CPU and saves ~0.3–1 s per task (Conv4, 84×84;
-#: docs/performance.md).
+#: ``evaluate(compile="auto")`` compiles (on CUDA) when at least this many tasks per process
+#: are known to be coming, so that the compilation (tens of seconds) pays for itself.
 AUTO_COMPILE_MIN_TASKS = 100
 
 FINETUNE = ("standard", "adversarial")
@@ -607,10 +606,11 @@ def evaluate(
             ``threads // workers`` torch threads). The per-task values are the same as with
             ``workers=1``. The model, ``loss_fn`` and attacks must be picklable (no lambdas).
         compile: ``True``: run the fine-tuning steps, attack steps and measurements through
-            ``torch.compile`` (see `robust_meta.fast_paths`); ``"auto"``: the same when a
-            compiler is available and at least `AUTO_COMPILE_MIN_TASKS` tasks per process are
-            known to be coming (the compilation, ~10–30 s on a CPU, must pay for itself);
-            ``False``: eager. Values agree with eager to floating-point tolerance.
+            ``torch.compile`` (see `robust_meta.fast_paths`); ``"auto"``: the same on CUDA
+            when triton is available and at least `AUTO_COMPILE_MIN_TASKS` tasks per process
+            are known to be coming (never on a CPU, where it was measured slower than the
+            eager channels_last path); ``False``: eager. Values agree with eager to
+            floating-point tolerance.
         channels_last: ``"auto"``: feed convolutional models channels_last images where that
             layout is measured faster (`robust_meta.channels_last_wins`); ``True``/``False``:
             always/never.

@@ -181,10 +181,48 @@ def test_compile_switch_values(monkeypatch):
     with pytest.warns(rm.CompileWarning, match="not available"):
         assert _fast.resolve_compile(True, "cpu") is False
     monkeypatch.delenv("ROBUST_META_COMPILE")
-    if rm.compile_available("cpu"):
-        assert _fast.resolve_compile("auto", "cpu", work=5, min_work=100) is False
-        assert _fast.resolve_compile("auto", "cpu", work=100, min_work=100) is True
-        assert _fast.resolve_compile("auto", "cpu") is True
+    # "auto" never compiles on a CPU (measured slower than eager channels_last there) ...
+    assert _fast.resolve_compile("auto", "cpu", work=10**6, min_work=1) is False
+    # ... and on CUDA only for a workload that repays the compilation.
+    monkeypatch.setattr(_fast, "compile_available", lambda device="cpu": True)
+    assert _fast.resolve_compile("auto", "cuda", work=5, min_work=100) is False
+    assert _fast.resolve_compile("auto", "cuda", work=100, min_work=100) is True
+    assert _fast.resolve_compile("auto", "cuda") is True
+
+
+def test_auto_compile_leaves_cpu_inputs_eager(monkeypatch):
+    """fast_paths(compile="auto") on a machine with triton compiles CUDA inputs only."""
+    monkeypatch.setattr(_fast, "compile_available", lambda device="cpu": True)
+
+    def refuse(_model):
+        raise AssertionError("a CPU input reached torch.compile under compile='auto'")
+
+    monkeypatch.setattr(_fast, "_compiled_forward", refuse)
+    model = small_net()
+    x = make_tasks(1)[0][2]
+    with rm.fast_paths(compile="auto", channels_last=False):
+        out = rm.call_model(model, x, dict(model.named_parameters()))
+    torch.testing.assert_close(out, model(x))
+
+
+def test_malloc_tuning_is_applied_once_and_can_be_turned_off(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_fast, "tune_malloc", lambda: calls.append(1) or True)
+    rm.evaluate(small_net(), make_tasks(1), eps=8 / 255, steps=1, step_size=0.1, attack_steps=1,
+                progress=False, seed=0)
+    assert calls, "evaluate did not enter the fast paths"
+    monkeypatch.undo()
+    monkeypatch.setattr(_fast, "_MALLOC_TUNED", [])
+    monkeypatch.setenv("ROBUST_META_MALLOPT", "0")
+    assert _fast.tune_malloc() is False
+    monkeypatch.setattr(_fast, "_MALLOC_TUNED", [])
+    monkeypatch.delenv("ROBUST_META_MALLOPT")
+    import platform
+    import sys
+
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert _fast.tune_malloc() is expected
+    assert _fast.tune_malloc() is expected  # cached: mallopt runs once
 
 
 def test_meta_modules_are_never_compiled(monkeypatch):
