@@ -239,17 +239,23 @@ def _active() -> bool:
 
 
 # ----------------------------------------------------------------------------- layout
+_CONV: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
 def _has_conv2d(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+    has = _CONV.get(model)
+    if has is None:
+        has = _CONV[model] = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return has
 
 
 def channels_last_wins(x: Tensor) -> bool:
     """The ``channels_last="auto"`` rule: whether NHWC is faster for this input.
 
     Measured with ``benchmarks/memory_format.py`` (Conv4, forward + input or weight gradient,
-    2-core CPU, docs/performance.md): colour images of 32×32 pixels and up run 1.1–1.7×
-    faster in channels_last; one-channel 28×28 images (Omniglot) run at the same speed or up
-    to 13% slower. So: CPU, ≥ 3 channels and both sides ≥ 32. CUDA inputs are left as they
+    2-core CPU, docs/performance.md): colour images of 32×32 pixels and up run 1.3–1.8×
+    faster in channels_last; one-channel 28×28 images (Omniglot) run at the same speed or
+    slower (0.70–1.08×). So: CPU, ≥ 3 channels and both sides ≥ 32. CUDA inputs are left as they
     are until a GPU measurement (``benchmarks/gpu.sh``) says otherwise.
     """
     if x.dim() != 4 or x.device.type != "cpu":
@@ -308,7 +314,7 @@ def _fast_call(model: nn.Module, x: Tensor, params: Mapping[str, Tensor] | None)
                 b.data.copy_(buffers[k])
         return out
     # Outside the except block, so that a real error is not chained to the compiler's.
-    out = torch.func.functional_call(model, {**buffers, **weights}, (x,), strict=False)
+    out = torch.func.functional_call(model, {**own, **weights}, (x,), strict=False)
     _BROKEN.add(model)
     first_line = str(err).splitlines()[0][:200] if str(err) else ""
     warnings.warn(

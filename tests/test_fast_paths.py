@@ -144,9 +144,13 @@ def test_failed_compilation_warns_and_runs_eagerly(monkeypatch):
         return fn
 
     monkeypatch.setattr(_fast, "_compiled_forward", broken)
+    ref = copy.deepcopy(model)
+    expected = ref(x)  # eager, train mode: moves ref's running statistics
     with _fast._use_policy(True, False), pytest.warns(rm.CompileWarning, match="inductor exploded"):
         out = rm.call_model(model, x, dict(model.named_parameters()))
-    torch.testing.assert_close(out, model(x))
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(model.buffers(), ref.buffers()):  # the fallback moved the model's own
+        torch.testing.assert_close(a, b)
     # Marked broken: the next call is eager and silent.
     with _fast._use_policy(True, False), warnings.catch_warnings():
         warnings.simplefilter("error")
