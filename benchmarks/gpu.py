@@ -24,7 +24,8 @@ what it finished):
    after ``reset_peak_memory_stats``; CPU: the RSS high-water mark, ``null`` where the OS
    cannot reset it);
 4. ``variants``: the first-order R-MAML_out-FGSM step in fp32, under
-   ``torch.autocast(dtype=torch.bfloat16)``, in ``channels_last`` and both;
+   ``torch.autocast(dtype=torch.bfloat16)``, in ``channels_last`` and both, and (not with
+   ``--tiny``) inside ``robust_meta.fast_paths(compile=True)``;
 5. ``task_batched``: the first-order R-MAML_out-FGSM meta-gradient for 4, 32 and 128 tasks
    per meta-batch, computed by robust-meta's per-task loop and by ``torch.func.vmap`` over
    tasks (on a copy of the net whose batch norms keep no running statistics), timed both
@@ -42,6 +43,7 @@ instead of stopping the run. A short table is printed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -91,10 +93,10 @@ def settings(tiny: bool) -> dict[str, Any]:
                            queries=15, tasks=2)
         return {"cfg": cfg, "warmup": 1, "steps": 2, "eval_tasks": 2, "eval_finetune_steps": 2,
                 "eval_attack_steps": 2, "eval_reps": 1, "batch_sizes": [2, 4, 8], "batched_steps": 1,
-                "fp64_max_tasks": 8}
+                "fp64_max_tasks": 8, "compile_variant": False}
     return {"cfg": bench.CONFIGS["conv4-84"], "warmup": 2, "steps": 5, "eval_tasks": 32,
             "eval_finetune_steps": 10, "eval_attack_steps": 10, "eval_reps": 2,
-            "batch_sizes": [4, 32, 128], "batched_steps": 2, "fp64_max_tasks": 32}
+            "batch_sizes": [4, 32, 128], "batched_steps": 2, "fp64_max_tasks": 32, "compile_variant": True}
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -252,24 +254,32 @@ def variants(s: dict, device: torch.device, budget: Budget) -> dict[str, dict]:
     cfg = s["cfg"]
     fgsm = next(m for m in bench.METHODS if m.name == "R-MAML_out-FGSM")
     out: dict[str, dict] = {}
-    for label, bf16, cl in (("fp32", False, False), ("bf16_autocast", True, False),
-                            ("channels_last", False, True), ("bf16_autocast+channels_last", True, True)):
+    kinds = [("fp32", False, False, False), ("bf16_autocast", True, False, False),
+             ("channels_last", False, True, False), ("bf16_autocast+channels_last", True, True, False)]
+    if s["compile_variant"]:
+        # robust_meta.fast_paths(compile=True): the numbers a GPU run needs to decide compile="auto"
+        kinds.append(("torch_compile", False, False, True))
+    for label, bf16, cl, compiled in kinds:
 
-        def item(bf16=bf16, cl=cl) -> dict:
+        def item(bf16=bf16, cl=cl, compiled=compiled) -> dict:
             tasks = bench.make_tasks(cfg, cfg.tasks, device, torch.float32, cl)
             step = bench.Step(fgsm, fresh_model(cfg, device, channels_last=cl), tasks, first_order=True)
 
             def run():
-                if not bf16:
-                    return step()
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    return step()
+                ctx = (robust_meta.fast_paths(compile=True, channels_last=False) if compiled
+                       else contextlib.nullcontext())
+                with ctx:
+                    if not bf16:
+                        return step()
+                    with torch.autocast(device.type, dtype=torch.bfloat16):
+                        return step()
 
             r = measure(run, device, budget, warmup=s["warmup"], steps=s["steps"], memory=True)
             r["loss"] = _finite(r.pop("_result"))
             return r
 
-        out[label] = {"autocast_bf16": bf16, "channels_last": cl, **guarded(item, device, budget)}
+        out[label] = {"autocast_bf16": bf16, "channels_last": cl, "compile": compiled,
+                      **guarded(item, device, budget)}
         _progress(f"FGSM o1 {label}", out[label])
     base = out["fp32"].get("median_ms")
     for row in out.values():

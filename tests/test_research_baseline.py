@@ -127,7 +127,7 @@ def test_fast_paths_contender(tmp_path):
         assert res["steps"][label]["times_s"][name]["median"] > 0
         assert res["steps"][label]["speedup"][name]["median"] > 0
     ev = res["eval"]
-    fast = ev["per_task"]["evaluate fast_paths(compile=off)"]
+    fast = ev["per_task"]["evaluate fast"]
     assert fast["sa"] == pytest.approx(ev["per_task"]["plain loop"]["sa"], abs=1e-6)
 
 
