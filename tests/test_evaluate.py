@@ -360,14 +360,16 @@ def test_task_formats_max_tasks_and_dtype():
 
 
 def test_perturb_gets_fast_weights_ways_and_mode(monkeypatch):
+    from robust_meta import _eval_tasks  # evaluate's per-task work calls perturb from there
+
     calls = []
-    real = ev.perturb
+    real = _eval_tasks.perturb
 
     def spy(*args, **kw):
         calls.append(kw)
         return real(*args, **kw)
 
-    monkeypatch.setattr(ev, "perturb", spy)
+    monkeypatch.setattr(_eval_tasks, "perturb", spy)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
     res = run(model, [rand_task(ways=3)], eps=[0.0, 4 / 255], steps=2, step_size=0.5, attack_steps=7,
               attack_step_size=0.001, train_mode=False, checks=False)
