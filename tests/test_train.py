@@ -350,6 +350,31 @@ def test_resume_may_extend_meta_steps(tmp_path):
     assert_same_state(params_of(tmp_path / "a" / "last.pt"), params_of(tmp_path / "b" / "last.pt"))
 
 
+def test_colour_images_train_on_channels_last_and_resume_bit_for_bit(tmp_path, monkeypatch):
+    """32×32×3 images take the channels_last fast path inside train(); a resume is still exact."""
+    from robust_meta import fast
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(15 * 4, 3, 32, 32, generator=g)  # 15 classes: >= 3 in each 60/20/20 split
+    labels = torch.arange(15).repeat_interleave(4)
+    torch.save({"images": images, "labels": labels}, tmp_path / "colour.pt")
+    layouts = []
+    real = fast._layout
+
+    def spy(model, x, setting):
+        out = real(model, x, setting)
+        layouts.append(out.is_contiguous(memory_format=torch.channels_last))
+        return out
+
+    monkeypatch.setattr(fast, "_layout", spy)
+    cfg = tiny(dataset=f"tensor:{tmp_path / 'colour.pt'}", image_size=32, in_channels=3, meta_steps=4)
+    train(cfg, out_dir=tmp_path / "a", progress=False)
+    assert layouts and all(layouts), "train() did not feed the colour images in channels_last"
+    train(cfg.replace(meta_steps=2), out_dir=tmp_path / "b", progress=False)
+    train(cfg, out_dir=tmp_path / "b", resume=True, progress=False)
+    assert_same_state(params_of(tmp_path / "a" / "last.pt"), params_of(tmp_path / "b" / "last.pt"))
+
+
 @pytest.mark.parametrize("method", sorted(METHOD_PRESETS))
 def test_every_method_runs_a_meta_step_and_changes_the_weights(tmp_path, method):
     cfg = tiny(method=method, meta_steps=1, eval_every=1, val_tasks=1)
