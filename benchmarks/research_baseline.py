@@ -88,6 +88,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -97,7 +98,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import robust_meta
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench  # noqa: E402  (benchmarks/bench.py, next to this file: its Config)
+
+import robust_meta  # noqa: E402
 
 EPS = 2 / 255
 INNER_LR = 0.01
@@ -123,19 +128,13 @@ TARGET_EVAL = 2.0  # evaluate() >= 2x the tasks/s of a plain eager per-task loop
 
 
 @dataclass
-class Setup:
-    name: str
-    in_channels: int
-    image_size: int
-    hidden: int
-    ways: int
-    shots: int
-    queries: int
-    tasks: int
+class Setup(bench.Config):
+    """``bench.Config`` (network, images, tasks per meta-step) plus the evaluation tasks."""
+
     eval_tasks: int
 
 
-FULL = Setup("conv4-84", 3, 84, 32, 5, 1, 15, 4, 10)
+FULL = Setup(**asdict(bench.CONFIGS["conv4-84"]), eval_tasks=10)
 TINY = Setup("tiny-28", 1, 28, 8, 5, 1, 15, 2, 4)
 
 

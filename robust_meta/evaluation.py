@@ -681,6 +681,7 @@ def evaluate(
     if max_tasks is not None:
         known = max_tasks if known is None else min(known, max_tasks)
     per_process = None if known is None else -(-known // workers)
+    _fast._check_channels_last(channels_last)
     job = _EvalJob(
         steps=steps, step_size=step_size, first_order=first_order, finetune=finetune,
         finetune_attack=finetune_attack, finetune_eps=finetune_eps, finetune_gamma=finetune_gamma,
@@ -689,7 +690,6 @@ def evaluate(
         compile=resolve_compile(compile, device, work=per_process, min_work=AUTO_COMPILE_MIN_TASKS),
         channels_last=channels_last, device=device, dtype=dtype,
     )
-    _fast._check_channels_last(channels_last)
     if seed is None:
         # Drawn from the caller's generator, which is then put back: evaluate never moves it.
         with torch.random.fork_rng(devices=[]):
