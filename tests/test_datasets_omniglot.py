@@ -11,6 +11,7 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -263,6 +264,90 @@ def test_a_changed_source_invalidates_the_cache(tmp_path, monkeypatch):
     assert calls[0] == 1000 + 999 and len(changed.images) == 999
     # another size is another cache entry
     assert load_omniglot(tmp_path, cache_dir=cache, image_size=14).images.shape[-2:] == (14, 14)
+
+
+def swap_members(path: Path, a: str, b: str) -> None:
+    """Rewrite zip `path` with the stored bytes of members `a` and `b` swapped, keeping every
+    name in place: the archive keeps its byte length (the sizes are only permuted) but two
+    drawings trade places."""
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+        data = {i.filename: zf.read(i) for i in infos}
+    data[a], data[b] = data[b], data[a]
+    tmp = path.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w") as out:
+        for info in infos:
+            out.writestr(info, data[info.filename])
+    tmp.replace(path)
+
+
+def same_size_pair(folder: Path) -> tuple[Path, Path]:
+    """Two PNGs of different characters with the same byte length and different bytes."""
+    by_size: dict[int, Path] = {}
+    for png in sorted(folder.rglob("*.png")):
+        other = by_size.setdefault(png.stat().st_size, png)
+        if other.parent != png.parent and other.read_bytes() != png.read_bytes():
+            return other, png
+    raise AssertionError(f"no two PNGs of equal size under {folder}")
+
+
+@needs_data
+def test_a_zip_changed_in_place_with_its_size_and_mtime_is_decoded_again(tmp_path, monkeypatch):
+    # `cp -p`, `rsync -t` or `os.utime` keep the size and modification time of a changed file
+    src, cache = small_zip(tmp_path / "images_background_small1.zip"), tmp_path / "cache"
+    first = load_omniglot(tmp_path, cache_dir=cache)
+    before = src.stat()
+    with zipfile.ZipFile(src) as zf:
+        names = [n for n in zf.namelist() if n.endswith(".png")]
+    a = next(n for n in names if "/character01/" in n)
+    b = next(n for n in names if "/character02/" in n)
+    swap_members(src, a, b)
+    os.utime(src, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = src.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    calls = count_decodes(monkeypatch)
+    second = load_omniglot(tmp_path, cache_dir=cache)
+    assert calls[0] == 480  # decoded again, not the stale cache
+    fresh = load_omniglot(tmp_path, cache=False)
+    assert torch.equal(second.images, fresh.images) and not torch.equal(second.images, first.images)
+    # the two drawings traded places: same images, two positions exchanged
+    i, j = (first.classes.index(f"Greek/{c}") for c in ("character01", "character02"))
+    ia, ib = (int((first.labels == k).nonzero()[0]) for k in (i, j))
+    assert torch.equal(second.images[ia], first.images[ib]) and torch.equal(second.images[ib], first.images[ia])
+    # content-keyed: touching the file without changing it keeps the cache
+    os.utime(src, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    load_omniglot(tmp_path, cache_dir=cache)
+    assert calls[0] == 480 + 480  # the cache=False load above, then nothing
+
+
+@needs_data
+def test_a_folder_changed_in_place_with_sizes_and_mtimes_is_decoded_again(tmp_path, monkeypatch):
+    with zipfile.ZipFile(small_zip(tmp_path / "g.zip")) as zf:
+        zf.extractall(tmp_path / "x")
+    root, cache = tmp_path / "x" / "images_background_small1", tmp_path / "cache"
+    first = load_omniglot(root, cache_dir=cache)
+    pa, pb = same_size_pair(root)
+    sa, sb = pa.stat(), pb.stat()
+    da, db = pa.read_bytes(), pb.read_bytes()
+    pa.write_bytes(db)
+    pb.write_bytes(da)
+    for p, st in ((pa, sa), (pb, sb)):
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (p.stat().st_size, p.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    calls = count_decodes(monkeypatch)
+    second = load_omniglot(root, cache_dir=cache)
+    assert calls[0] == 480
+    fresh = load_omniglot(root, cache=False)
+    assert torch.equal(second.images, fresh.images) and not torch.equal(second.images, first.images)
+    # a renamed drawing is another content too (the relative path is hashed)
+    pa.rename(pa.with_name("9999_99.png"))
+    load_omniglot(root, cache_dir=cache)
+    assert calls[0] == 3 * 480
+    # touching every file without changing it keeps the cache
+    for png in root.rglob("*.png"):
+        os.utime(png, ns=(png.stat().st_atime_ns, png.stat().st_mtime_ns + 10**9))
+    load_omniglot(root, cache_dir=cache)
+    assert calls[0] == 3 * 480
 
 
 @needs_data
