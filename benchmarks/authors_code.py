@@ -385,6 +385,20 @@ def max_rel_diff(a: list[Tensor], b: list[Tensor]) -> tuple[float, float]:
     return diff, scale
 
 
+def robust_meta_source() -> dict:
+    """Where the robust_meta measured was imported from, and its git revision / local edits there."""
+    where = os.path.dirname(os.path.abspath(robust_meta.__file__))
+    out: dict = {"path": where, "git_rev": None, "modified_files": None}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        rev = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if rev.returncode == 0:
+            out["git_rev"] = rev.stdout.strip()
+            st = subprocess.run(["git", "-C", where, "status", "--porcelain", "--", "."], capture_output=True,
+                                text=True, timeout=10)
+            out["modified_files"] = [ln[3:] for ln in st.stdout.splitlines()]
+    return out
+
+
 def uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
@@ -406,6 +420,9 @@ def run(args) -> dict:
                               "warmup": args.warmup, "mallopt": args.mallopt, "compile": args.compile,
                               "rm_model": args.rm_model}}
     res["machine"]["robust_meta"] = robust_meta.__version__
+    res["robust_meta_source"] = robust_meta_source()
+    if args.note:
+        res["note"] = args.note
     print(f"{res['machine']['cpu']}, {res['machine']['cpu_count']} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {res['uptime_before']}", flush=True)
 
@@ -537,6 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--note", default=None, help="free text stored in the JSON (e.g. which robust-meta was measured)")
     args = p.parse_args(argv)
     if args.reps is None:
         args.reps = 1 if args.tiny else 10
