@@ -173,12 +173,24 @@ def test_random_start_comes_from_the_global_rng_or_a_generator():
     b = perturb("fgsm", model, x, y, eps=0.1)
     c = perturb("fgsm", model, x, y, eps=0.1)
     assert torch.equal(a, b) and not torch.equal(b, c)
+    # A PGDAttack's own generator serves direct calls (and is advanced by them) ...
+    g = torch.Generator().manual_seed(1)
+    direct = PGDAttack(model, eps=0.1, steps=1, alpha=0.125, generator=g)
     state = torch.get_rng_state()
+    d1, d2 = direct(x, y), direct(x, y)
+    assert torch.equal(torch.get_rng_state(), state) and not torch.equal(d1, d2)
+    g.manual_seed(1)
+    assert torch.equal(direct(x, y), d1)
+    # ... but as a specification robust-meta draws from its own (global) stream and never
+    # advances the object's generator (issue 17, defect 4).
     spec = PGDAttack(eps=0.1, steps=1, alpha=0.125, generator=torch.Generator().manual_seed(1))
-    d = perturb(spec, model, x, y, eps=0.1)
-    assert torch.equal(torch.get_rng_state(), state)  # drawn from the generator, not the global RNG
-    spec.generator.manual_seed(1)
-    assert torch.equal(perturb(spec, model, x, y, eps=0.1), d)
+    before = spec.generator.get_state()
+    torch.manual_seed(5)
+    e = perturb(spec, model, x, y, eps=0.1)
+    assert torch.equal(spec.generator.get_state(), before)
+    torch.manual_seed(5)
+    assert torch.equal(perturb(spec, model, x, y, eps=0.1), e)
+    assert torch.equal(e, a)  # the same draw as the named "fgsm" from the same state
 
 
 def test_instance_eps_is_replaced_on_a_copy_and_never_mutated():
