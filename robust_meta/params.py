@@ -32,8 +32,11 @@ __all__ = [
     "call_features",
     "call_head",
     "is_meta_module",
+    "module_modes",
     "named_params",
     "preserved_buffers",
+    "preserved_modes",
+    "set_modes",
 ]
 
 
@@ -230,6 +233,39 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
             module._buffers[name] = buf
 
 
+def module_modes(model: nn.Module) -> dict[str, bool]:
+    """The train/eval mode of every submodule, by name (``""`` is the model itself).
+
+    "The mode" of a model means this: a model in train mode with one batch norm frozen in
+    eval mode is *not* in train mode, and robust-meta restores it exactly.
+    """
+    return {name: m.training for name, m in model.named_modules(remove_duplicate=False)}
+
+
+def set_modes(model: nn.Module, modes: Mapping[str, bool]) -> None:
+    """Put every submodule back in the mode `module_modes` recorded (no ``.train()`` cascade)."""
+    for name, m in model.named_modules(remove_duplicate=False):
+        if name in modes:
+            m.training = modes[name]
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module, training: bool | None = None) -> Iterator[None]:
+    """Run with ``model.train(training)`` (``None``: the modes as they are); restore every module's mode.
+
+    ``model.train(prev)`` after a block is *not* a restore: it overwrites the mode of every
+    submodule, e.g. it unfreezes a batch norm the user had put in eval mode. This restores the
+    mode of each submodule exactly.
+    """
+    modes = module_modes(model)
+    try:
+        if training is not None and any(v != bool(training) for v in modes.values()):
+            model.train(bool(training))
+        yield
+    finally:
+        set_modes(model, modes)
+
+
 class ModelAt(nn.Module):
     """An ``nn.Module`` view of "``model`` at the weights ``params``", for attack libraries.
 
@@ -241,7 +277,9 @@ class ModelAt(nn.Module):
     Args:
         model: a plain ``nn.Module`` or a torchmeta ``MetaModule``.
         params: the weights; ``None`` means the model's own weights (detached).
-        training: the mode to run in; ``None`` means ``model.training``.
+        training: the mode to run the whole model in; ``None`` keeps the mode of every
+            submodule as it is (a frozen eval-mode batch norm inside a train-mode model stays
+            frozen). Each submodule's own mode is restored after every call.
     """
 
     def __init__(
@@ -256,6 +294,8 @@ class ModelAt(nn.Module):
         object.__setattr__(self, "_model", model)
         src = named_params(model) if params is None else params
         object.__setattr__(self, "_params", {k: v.detach() for k, v in src.items()})
+        #: The forced mode, or ``None`` (every submodule keeps its own).
+        self.forced_mode = None if training is None else bool(training)
         self._mode = model.training if training is None else bool(training)
         # torchattacks reads the device from next(model.parameters()).
         first = next(iter(self._params.values()))
@@ -266,13 +306,13 @@ class ModelAt(nn.Module):
         self.training = self._mode
         return self
 
+    @property
+    def model(self) -> nn.Module:
+        """The viewed model."""
+        return self._model
+
     def forward(self, x: Tensor) -> Tensor:
-        model = self._model
-        prev = model.training
-        if prev != self._mode:
-            model.train(self._mode)
-        try:
-            return call_model(model, x, self._params)
-        finally:
-            if prev != self._mode:
-                model.train(prev)
+        if self.forced_mode is None:
+            return call_model(self._model, x, self._params)
+        with preserved_modes(self._model, self.forced_mode):
+            return call_model(self._model, x, self._params)

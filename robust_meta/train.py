@@ -86,7 +86,7 @@ from .attacks import perturb
 from .data import Task
 from .fast import resolve_compile
 from .meta import RobustMetaUpdate
-from .params import call_model, preserved_buffers
+from .params import call_model, preserved_buffers, preserved_modes
 from .presets import method_preset
 from .regularizers import ATRegularizer, TradesRegularizer
 
@@ -134,36 +134,31 @@ def validate(
     head only with ``anil``), then scored on the clean query set (``sa``) and on its PGD
     adversarial examples (``ra``, ``attack_steps`` steps, radius ``eps``) against the
     fine-tuned weights. With ``one_step`` also ``ra_fgsm`` (FGSM with random start). The
-    network runs in train mode (batch statistics, as during meta-training); its buffers are
-    left untouched.
+    network runs in train mode (batch statistics, as during meta-training); its buffers and
+    the mode of every submodule are left as they were.
 
     Returns:
         ``{"sa": ..., "ra": ...[, "ra_fgsm": ...]}`` as floats in [0, 1].
     """
-    was_training = model.training
-    model.train()
     sums = {"sa": 0.0, "ra": 0.0, "ra_fgsm": 0.0}
-    try:
-        with preserved_buffers(model):
-            for i, task in enumerate(tasks):
-                if i and _VALIDATION_HOOK:
-                    _VALIDATION_HOOK[-1]()
-                sx, sy, qx, qy = task.support_x, task.support_y, task.query_x, task.query_y
+    with preserved_modes(model, True), preserved_buffers(model):
+        for i, task in enumerate(tasks):
+            if i and _VALIDATION_HOOK:
+                _VALIDATION_HOOK[-1]()
+            sx, sy, qx, qy = task.support_x, task.support_y, task.query_x, task.query_y
+            with torch.no_grad():
+                if anil is not None:
+                    fast = anil.adapt(sx, sy, steps=steps, step_size=step_size, first_order=True)
+                else:
+                    fast = adapt(model, sx, sy, steps=steps, step_size=step_size, first_order=True)
+                sums["sa"] += _acc(call_model(model, qx, fast), qy)
+            adv = perturb("pgd", model, qx, qy, params=fast, eps=eps, steps=attack_steps)
+            with torch.no_grad():
+                sums["ra"] += _acc(call_model(model, adv, fast), qy)
+            if one_step:
+                adv1 = perturb("fgsm", model, qx, qy, params=fast, eps=eps)
                 with torch.no_grad():
-                    if anil is not None:
-                        fast = anil.adapt(sx, sy, steps=steps, step_size=step_size, first_order=True)
-                    else:
-                        fast = adapt(model, sx, sy, steps=steps, step_size=step_size, first_order=True)
-                    sums["sa"] += _acc(call_model(model, qx, fast), qy)
-                adv = perturb("pgd", model, qx, qy, params=fast, eps=eps, steps=attack_steps)
-                with torch.no_grad():
-                    sums["ra"] += _acc(call_model(model, adv, fast), qy)
-                if one_step:
-                    adv1 = perturb("fgsm", model, qx, qy, params=fast, eps=eps)
-                    with torch.no_grad():
-                        sums["ra_fgsm"] += _acc(call_model(model, adv1, fast), qy)
-    finally:
-        model.train(was_training)
+                    sums["ra_fgsm"] += _acc(call_model(model, adv1, fast), qy)
     n = max(1, len(tasks))
     out = {"sa": sums["sa"] / n, "ra": sums["ra"] / n}
     if one_step:

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_pixels, check_steps
-from .params import FeatureSpec, call_features, named_params, preserved_buffers
+from .attacks import _batch_dependent
+from .params import FeatureSpec, call_features, named_params, preserved_buffers, preserved_modes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .evaluation import EvalResult
@@ -134,8 +135,7 @@ def feature_inversion(
     src = named_params(model) if params is None else params
     fixed = {k: v.detach() for k, v in src.items()}
     rows = torch.arange(b, device=seed_images.device)
-    prev = model.training
-    batch_stats = prev if mode == "model" else mode == "train"
+    batch_stats = _batch_dependent(model, None if mode == "model" else mode == "train")
 
     def activation(x: Tensor) -> Tensor:
         feats = call_features(model, x, fixed, features=features, head=head).flatten(1)
@@ -147,40 +147,38 @@ def feature_inversion(
         return feats[rows, idx]
 
     x = seed_images.detach().clone()
-    with preserved_buffers(model), torch.enable_grad():
-        model.train(batch_stats)
-        try:
-            best = x.clone()
+    # mode="model": every submodule as it is; "train"/"eval": the whole model, for the call.
+    forced = None if mode == "model" else mode == "train"
+    with preserved_buffers(model), preserved_modes(model, forced), torch.enable_grad():
+        best = x.clone()
+        with torch.no_grad():
+            seed_val = activation(x)
+        best_val = seed_val.clone()
+        best_total = float(seed_val.sum())
+
+        def keep(x: Tensor, act: Tensor) -> None:
+            nonlocal best, best_val, best_total
+            if batch_stats:  # the batch is one unit: keep it whole, if no image lost
+                total = float(act.sum())
+                if bool((act >= seed_val).all()) and total > best_total:
+                    best, best_val, best_total = x.clone(), act.clone(), total
+            else:  # each image on its own
+                better = act > best_val
+                best[better] = x[better]
+                best_val = torch.where(better, act, best_val)
+
+        for _ in range(steps):
+            x.requires_grad_(True)
+            act = activation(x)
+            (g,) = torch.autograd.grad(act.sum(), x)
             with torch.no_grad():
-                seed_val = activation(x)
-            best_val = seed_val.clone()
-            best_total = float(seed_val.sum())
-
-            def keep(x: Tensor, act: Tensor) -> None:
-                nonlocal best, best_val, best_total
-                if batch_stats:  # the batch is one unit: keep it whole, if no image lost
-                    total = float(act.sum())
-                    if bool((act >= seed_val).all()) and total > best_total:
-                        best, best_val, best_total = x.clone(), act.clone(), total
-                else:  # each image on its own
-                    better = act > best_val
-                    best[better] = x[better]
-                    best_val = torch.where(better, act, best_val)
-
-            for _ in range(steps):
-                x.requires_grad_(True)
-                act = activation(x)
-                (g,) = torch.autograd.grad(act.sum(), x)
-                with torch.no_grad():
-                    keep(x.detach(), act.detach())
-                    norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
-                    norm = norm.view(-1, *([1] * (x.dim() - 1)))
-                    x = (x.detach() + step_size * g / norm).clamp(0, 1)
-            if steps:
-                with torch.no_grad():
-                    keep(x, activation(x))
-        finally:
-            model.train(prev)
+                keep(x.detach(), act.detach())
+                norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
+                norm = norm.view(-1, *([1] * (x.dim() - 1)))
+                x = (x.detach() + step_size * g / norm).clamp(0, 1)
+        if steps:
+            with torch.no_grad():
+                keep(x, activation(x))
     return best.detach()
 
 
