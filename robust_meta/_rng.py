@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["forked_rng", "rng_state", "seed_all", "set_rng_state", "step_seed"]
+__all__ = ["cuda_devices", "forked_rng", "isolated_torch_rng", "rng_state", "seed_all", "seed_torch", "set_rng_state", "step_seed"]
 
 
 def step_seed(seed: int, step: int | str) -> int:
@@ -30,11 +30,67 @@ def step_seed(seed: int, step: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def seed_all(seed: int) -> None:
-    """Seed Python ``random``, NumPy's global generator and torch (all devices) with ``seed``."""
+def cuda_devices(*devices: torch.device | str | None) -> list[torch.device]:
+    """The CUDA devices among ``devices`` (with an index), for `torch.random.fork_rng`."""
+    out: list[torch.device] = []
+    for d in devices:
+        if d is None:
+            continue
+        d = torch.device(d)
+        if d.type == "cuda":
+            d = torch.device("cuda", torch.cuda.current_device() if d.index is None else d.index)
+            if d not in out:
+                out.append(d)
+    return out
+
+
+def seed_torch(seed: int, *devices: torch.device | str | None) -> None:
+    """Seed torch's CPU generator and the generator of each CUDA device in ``devices``, only.
+
+    Unlike ``torch.manual_seed``, which seeds *every* CUDA device (and, before CUDA is
+    initialised, queues that seeding for the process's first CUDA use), this touches exactly
+    the generators named: CPU work never re-seeds a GPU, and work on ``cuda:0`` never
+    re-seeds ``cuda:1``.
+    """
+    torch.default_generator.manual_seed(int(seed))
+    for d in cuda_devices(*devices):
+        with torch.cuda.device(d):
+            torch.cuda.manual_seed(int(seed))
+
+
+@contextlib.contextmanager
+def isolated_torch_rng(*devices: torch.device | str | None) -> Iterator[None]:
+    """Fork torch's CPU generator and those of ``devices`` *and* every initialised CUDA device.
+
+    For code that is not ours (torchattacks seeds with ``torch.manual_seed``, i.e. every CUDA
+    device): every generator it can touch is restored afterwards, and a CUDA seeding it queued
+    for later (CUDA not initialised yet) is dropped, so it cannot fire at the caller's first
+    CUDA use.
+    """
+    devs = cuda_devices(*devices)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        devs = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)
+    saved = None
+    if tracker is not None and not torch.cuda.is_initialized():
+        saved = (getattr(tracker, "manual_seed_all_cb", None), getattr(tracker, "manual_seed_cb", None),
+                 list(getattr(tracker, "call_order", [])))
+    with torch.random.fork_rng(devices=devs):
+        try:
+            yield
+        finally:
+            if saved is not None and not torch.cuda.is_initialized():
+                tracker.manual_seed_all_cb, tracker.manual_seed_cb, tracker.call_order = saved
+
+
+def seed_all(seed: int, *devices: torch.device | str | None) -> None:
+    """Seed Python ``random``, NumPy's global generator, torch's CPU generator and ``devices``' own.
+
+    CUDA devices not named are left alone (see `seed_torch`).
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    seed_torch(seed, *devices)
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,9 +124,8 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 def forked_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Run with all global generators seeded by ``seed``; restore them afterwards."""
     py, npst = random.getstate(), np.random.get_state()
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        seed_all(seed)
+    with torch.random.fork_rng(devices=cuda_devices(device)):
+        seed_all(seed, device)
         try:
             yield
         finally:
