@@ -730,6 +730,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
     debug = os.environ.get("ROBUST_META_DEBUG", "") not in ("", "0")
     from ._signals import SignalGuard
+    from .fast import tune_malloc
+
+    # This process is the command's own: keep freed tensor memory for reuse (1.6-2.2x faster
+    # CPU evaluation; ROBUST_META_MALLOPT=0 turns it off). A library call never does this.
+    tune_malloc()
 
     try:
         # SIGTERM is handled like SIGINT for the whole command (train/eval/reproduce install

@@ -10,7 +10,13 @@ that call is, where eligible,
   graph; a graph is compiled once per input shape, train/eval mode and gradient need
   (e.g. attack: input gradient; fine-tuning: weight gradient; measurement: no gradient);
 * run on **channels_last** inputs where that layout was measured faster (see
-  `channels_last_wins`).
+  `channels_last_wins`) **and the model was seen to accept it**: the first time a model
+  meets a channels_last input of a given shape, robust-meta runs it on both layouts (no
+  gradient, same random stream, buffers restored) and keeps channels_last only when both
+  give the same output to float tolerance. A model that fails on it (``x.view(x.size(0), -1)``,
+  the flatten of the MAML reference code, needs contiguous memory) or computes something
+  else is run on contiguous inputs from then on, with one `LayoutWarning` that names the
+  switch (``channels_last=False``).
 
 Not eligible, hence always eager: torchmeta MetaModules, the forward passes of a
 second-order inner loop (their gradient is differentiated again, which compiled graphs do
@@ -37,13 +43,30 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CompileWarning", "channels_last_wins", "compile_available", "fast_paths", "resolve_compile", "tune_malloc"]
+__all__ = [
+    "CompileWarning",
+    "FastPathWarning",
+    "LayoutWarning",
+    "channels_last_wins",
+    "compile_available",
+    "fast_paths",
+    "resolve_compile",
+    "tune_malloc",
+]
 
 CompileSetting = bool | str | None
 
 
-class CompileWarning(RuntimeWarning):
+class FastPathWarning(RuntimeWarning):
+    """A fast path could not be used for a model; robust-meta runs the plain computation."""
+
+
+class CompileWarning(FastPathWarning):
     """``torch.compile`` failed on a model; robust-meta runs it eagerly instead."""
+
+
+class LayoutWarning(FastPathWarning):
+    """A model fails on (or computes differently with) channels_last inputs; they stay contiguous."""
 
 
 @dataclass(frozen=True)
@@ -122,10 +145,11 @@ def resolve_compile(
 
 
 _MALLOC_TUNED: list[bool] = []
+MALLOC_ENV = "ROBUST_META_MALLOPT"
 
 
 def tune_malloc() -> bool:
-    """Keep freed CPU tensor memory in the process instead of unmapping it (glibc, once).
+    """Keep freed CPU tensor memory in the process instead of unmapping it (glibc; process-wide).
 
     PyTorch's CPU tensors come from ``malloc``. glibc serves blocks above its mmap threshold
     (128 KiB at start) with fresh ``mmap`` pages and unmaps them on free, and gives memory at
@@ -133,10 +157,18 @@ def tune_malloc() -> bool:
     every forward and backward pass is page-faulted and zero-filled anew. Raising the mmap
     threshold to 32 MiB (glibc's maximum), the trim threshold to 1 GiB and the top pad to
     16 MiB keeps that memory for reuse: measured 1.6–2.2× faster evaluation of Conv4 on
-    84×84 images on a 2-core CPU (docs/performance.md), for ~10% more peak resident memory.
-    Entering any fast path (`fast_paths`, `robust_meta.evaluate`, `robust_meta.train`) calls
-    it; ``ROBUST_META_MALLOPT=0`` in the environment turns it off. Not glibc (macOS, musl,
-    Windows): nothing is done. The numbers computed are unaffected.
+    84×84 images on a 2-core CPU (docs/performance.md). The numbers computed are unaffected.
+
+    **It changes the host process for good**: the settings cannot be read back (glibc has no
+    getter) and stay in force for the rest of the process, so up to 1 GiB of freed memory
+    stays resident instead of going back to the system (measured: after one `evaluate` of
+    Conv4 on 84×84 images, ~70 MiB freed and kept; docs/performance.md). So a library call
+    never does it behind your back: `robust_meta.evaluate`, `robust_meta.train` and
+    `fast_paths` leave malloc alone unless ``ROBUST_META_MALLOPT=1`` is set; the
+    ``robust-meta`` command (whose process is its own) and robust-meta's own worker
+    processes call it. Call it yourself once in a long job to opt in. ``ROBUST_META_MALLOPT=0``
+    turns it off everywhere, the command included. Not glibc (macOS, musl, Windows): nothing
+    is done.
 
     Returns:
         Whether the settings are in force.
@@ -144,7 +176,7 @@ def tune_malloc() -> bool:
     if _MALLOC_TUNED:
         return _MALLOC_TUNED[0]
     ok = False
-    if os.environ.get("ROBUST_META_MALLOPT", "").strip() != "0" and sys.platform.startswith("linux"):
+    if os.environ.get(MALLOC_ENV, "").strip() != "0" and sys.platform.startswith("linux"):
         try:
             import ctypes
             import platform
@@ -158,6 +190,12 @@ def tune_malloc() -> bool:
             ok = False
     _MALLOC_TUNED.append(ok)
     return ok
+
+
+def _library_malloc() -> None:
+    """What a library entry point does about malloc: nothing, unless ``ROBUST_META_MALLOPT=1``."""
+    if os.environ.get(MALLOC_ENV, "").strip() == "1":
+        tune_malloc()
 
 
 def _check_channels_last(value: bool | str) -> bool | str:
@@ -184,13 +222,14 @@ def fast_paths(compile: CompileSetting = "auto", channels_last: bool | str = "au
         ...     for step in range(steps):
         ...         meta_step(...)   # adapt + RobustMetaUpdate, as before
 
-    Second-order inner loops and torchmeta MetaModules stay eager inside the block.
+    Second-order inner loops and torchmeta MetaModules stay eager inside the block. The
+    process's allocator is left alone: `tune_malloc` is a separate, process-wide opt-in.
     """
     if compile == "auto":
         resolved = _Policy(compile_available("cuda"), _check_channels_last(channels_last), cuda_only=True)
     else:
         resolved = _Policy(resolve_compile(compile, "cpu"), _check_channels_last(channels_last))
-    tune_malloc()
+    _library_malloc()
     token = _POLICY.set(resolved)
     try:
         yield
@@ -201,7 +240,7 @@ def fast_paths(compile: CompileSetting = "auto", channels_last: bool | str = "au
 @contextlib.contextmanager
 def _use_policy(compile: bool, channels_last: bool | str) -> Iterator[None]:
     """Internal: enter an already resolved policy (entry points resolve ``"auto"`` themselves)."""
-    tune_malloc()
+    _library_malloc()
     token = _POLICY.set(_Policy(bool(compile), _check_channels_last(channels_last)))
     try:
         yield
@@ -263,14 +302,73 @@ def channels_last_wins(x: Tensor) -> bool:
     return x.shape[1] >= 3 and min(x.shape[2], x.shape[3]) >= 32
 
 
-def _layout(model: nn.Module, x: Tensor, setting: bool | str) -> Tensor:
+# model -> {(input shape without batch, dtype, device type): channels_last accepted}
+_LAYOUT_SEEN: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]] = weakref.WeakKeyDictionary()
+
+
+def _layout(model: nn.Module, x: Tensor, setting: bool | str, params: Mapping[str, Tensor] | None = None) -> Tensor:
     if setting is False or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
         return x
     if setting == "auto" and not channels_last_wins(x):
         return x
     if not _has_conv2d(model):
         return x
-    return x.contiguous(memory_format=torch.channels_last)
+    xl = x.contiguous(memory_format=torch.channels_last)
+    return xl if _layout_accepted(model, x, xl, params) else x
+
+
+def _run_eager(model: nn.Module, x: Tensor, params: Mapping[str, Tensor] | None) -> Tensor:
+    return model(x) if params is None else torch.func.functional_call(model, dict(params), (x,), strict=False)
+
+
+def _layout_accepted(model: nn.Module, x: Tensor, xl: Tensor, params: Mapping[str, Tensor] | None) -> bool:
+    """Whether ``model`` gives the same output on channels_last ``xl`` as on ``x`` (checked once)."""
+    seen = _LAYOUT_SEEN.setdefault(model, {})
+    key = (tuple(x.shape[1:]), x.dtype, x.device.type)
+    ok = seen.get(key)
+    if ok is not None:
+        return ok
+    from ._rng import cuda_devices
+    from .params import preserved_buffers
+
+    devices = cuda_devices(x.device)
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), preserved_buffers(model):
+        cpu_state = torch.get_rng_state()
+        cuda_state = [torch.cuda.get_rng_state(d) for d in devices]
+        try:
+            ref = _run_eager(model, x, params)
+        except Exception:  # noqa: BLE001 - a real error: the caller's own call raises it
+            return False
+        torch.set_rng_state(cpu_state)
+        for d, st in zip(devices, cuda_state):
+            torch.cuda.set_rng_state(st, d)
+        why = None
+        try:
+            out = _run_eager(model, xl, params)
+        except Exception as err:  # noqa: BLE001 - the layout is what fails
+            first = str(err).splitlines()[0][:160] if str(err) else ""
+            why = f"it raises {type(err).__name__}: {first}"
+        else:
+            if not isinstance(ref, Tensor) or not isinstance(out, Tensor):
+                why = None if type(ref) is type(out) else "its output type changes"
+            elif ref.shape != out.shape:
+                why = f"its output shape changes ({tuple(ref.shape)} -> {tuple(out.shape)})"
+            else:
+                scale = float(ref.detach().abs().max()) if ref.numel() else 0.0
+                diff = float((ref.detach() - out.detach()).abs().max()) if ref.numel() else 0.0
+                if not diff <= 1e-3 * max(1.0, scale):
+                    why = f"its output changes by up to {diff:.3g} (of {scale:.3g})"
+    ok = seen[key] = why is None
+    if not ok:
+        warnings.warn(
+            f"channels_last: {type(model).__name__} does not accept channels_last inputs of shape "
+            f"{tuple(x.shape[1:])} ({why}; e.g. x.view(x.size(0), -1) needs contiguous memory: "
+            "x.flatten(1) works with both). Running it on contiguous inputs; pass "
+            "channels_last=False (evaluate, fast_paths) to skip this check",
+            LayoutWarning,
+            stacklevel=5,
+        )
+    return ok
 
 
 # ----------------------------------------------------------------------------- compile
@@ -294,7 +392,7 @@ def _fast_call(model: nn.Module, x: Tensor, params: Mapping[str, Tensor] | None)
         return None
     if torch.compiler.is_compiling():
         return None
-    x = _layout(model, x, p.channels_last)
+    x = _layout(model, x, p.channels_last, params)
     if not p.compile or model in _BROKEN or (p.cuda_only and x.device.type != "cuda"):
         return torch.func.functional_call(model, dict(params), (x,), strict=False) if params is not None \
             else model(x)

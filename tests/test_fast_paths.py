@@ -209,12 +209,26 @@ def test_auto_compile_leaves_cpu_inputs_eager(monkeypatch):
     torch.testing.assert_close(out, model(x))
 
 
-def test_malloc_tuning_is_applied_once_and_can_be_turned_off(monkeypatch):
+def test_malloc_tuning_is_an_opt_in_for_library_calls_and_the_command_s_own(monkeypatch):
+    """Issue 17, defect 6: a library call never changes the host process's allocator."""
     calls = []
     monkeypatch.setattr(_fast, "tune_malloc", lambda: calls.append(1) or True)
+    monkeypatch.delenv("ROBUST_META_MALLOPT", raising=False)
     rm.evaluate(small_net(), make_tasks(1), eps=8 / 255, steps=1, step_size=0.1, attack_steps=1,
                 progress=False, seed=0)
-    assert calls, "evaluate did not enter the fast paths"
+    with rm.fast_paths():
+        pass
+    assert calls == [], "a library call tuned malloc without being asked"
+    monkeypatch.setenv("ROBUST_META_MALLOPT", "1")  # the documented opt-in
+    rm.evaluate(small_net(), make_tasks(1), eps=8 / 255, steps=1, step_size=0.1, attack_steps=1,
+                progress=False, seed=0)
+    assert calls, "ROBUST_META_MALLOPT=1 did not opt in"
+    calls.clear()
+    monkeypatch.delenv("ROBUST_META_MALLOPT")
+    from robust_meta.cli import main
+
+    assert main(["presets"]) == 0
+    assert calls == [1], "the robust-meta command (its own process) should tune malloc"
     monkeypatch.undo()
     monkeypatch.setattr(_fast, "_MALLOC_TUNED", [])
     monkeypatch.setenv("ROBUST_META_MALLOPT", "0")
@@ -269,12 +283,15 @@ def test_channels_last_rule():
     assert not rule(torch.empty(75, 3, 16, 16))
     assert not rule(torch.empty(75, 3 * 84 * 84))
     conv = small_net(channels=3)
+    conv84 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                           nn.Flatten(), nn.Linear(16, 3)).double()
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 84 * 84, 2))
-    x = torch.rand(2, 3, 84, 84)
-    assert _fast._layout(conv, x, "auto").is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 84, 84, dtype=torch.float64)
+    assert _fast._layout(conv84, x, "auto").is_contiguous(memory_format=torch.channels_last)
+    assert _fast._layout(conv, x, "auto") is x  # the model cannot take 84x84 at all: left as it is
     assert _fast._layout(mlp, x, "auto") is x
     assert _fast._layout(conv, x, False) is x
-    small = torch.rand(2, 3, 8, 8)
+    small = torch.rand(2, 3, 8, 8, dtype=torch.float64)
     assert _fast._layout(conv, small, "auto") is small
     assert _fast._layout(conv, small, True).is_contiguous(memory_format=torch.channels_last)
 

@@ -361,8 +361,8 @@ def test_colour_images_train_on_channels_last_and_resume_bit_for_bit(tmp_path, m
     layouts = []
     real = fast._layout
 
-    def spy(model, x, setting):
-        out = real(model, x, setting)
+    def spy(model, x, setting, params=None):
+        out = real(model, x, setting, params)
         layouts.append(out.is_contiguous(memory_format=torch.channels_last))
         return out
 
