@@ -15,26 +15,29 @@ Results are reported as the mean over tasks with a 95% confidence interval
 *and* the measurement (``train_mode``; default: the mode the model is in). In train mode
 batch norm uses the statistics of the batch it sees (the MAML convention, and the authors'
 protocol): the attacked query batch is normalised with its own statistics, exactly as the
-attack saw it. The model's running statistics, parameters and mode are left untouched.
+attack saw it. The model's running statistics, parameters and mode (of every submodule: a
+batch norm frozen in eval mode inside a train-mode model stays frozen) are left untouched.
+
+**Protocol version.** `EVAL_PROTOCOL` numbers the way values are computed; it is recorded in
+``EvalResult.settings["protocol"]``, and ``robust-meta eval --resume`` / ``reproduce`` redo a
+result stored under another one. 1: robust-meta 0.1 (one random stream for all tasks);
+2: per-task streams ``seed + i``; 3: the exact ε-ball projection (`robust_meta.project_linf`)
+and step sizes of `PGDAttack` instances that follow ε.
 
 Sanity checks modelled on AutoAttack's ``autoattack/checks.py`` append to
-`EvalResult.warnings` and are emitted as `EvalWarning`.
+`EvalResult.warnings` and are emitted as `EvalWarning`. For a robust accuracy you report, also
+run `robust_meta.audit`: a far stronger attack must not take it away.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import itertools
-import json
-import math
 import numbers
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,16 +45,18 @@ from torch import Tensor, nn
 
 from . import fast as _fast
 from ._checks import check_eps, check_steps
-from ._eval_tasks import _EvalJob, _parallel, _serial
-from .adapt import LossFn, StepSize, adapt
+from ._eval_tasks import FINETUNE, _attack_steps, _EvalJob, _parallel, _serial, finetune
+from ._metrics import EvalResult, EvalWarning, Metric, confidence_interval, metric_name
+from .adapt import LossFn, StepSize
 from .anil import ANILHead
-from .attacks import AttackLike, PGDAttack, _check_spec, is_torchattacks
+from .attacks import AttackLike, PGDAttack, _check_spec, attack_reach, is_torchattacks
 from .data import Task, iter_tasks
 from .fast import resolve_compile
-from .params import Params, call_model, named_params
-from .regularizers import ATRegularizer
+from .params import module_modes, named_params
 
 __all__ = [
+    "AUTO_COMPILE_MIN_TASKS",
+    "EVAL_PROTOCOL",
     "EvalResult",
     "EvalWarning",
     "Metric",
@@ -59,317 +64,23 @@ __all__ = [
     "evaluate",
     "finetune",
     "metric_name",
-    "AUTO_COMPILE_MIN_TASKS",
 ]
 
 #: ``evaluate(compile="auto")`` compiles (on CUDA) when at least this many tasks per process
 #: are known to be coming, so that the compilation (tens of seconds) pays for itself.
 AUTO_COMPILE_MIN_TASKS = 100
 
-FINETUNE = ("standard", "adversarial")
+#: The version of the way `evaluate` computes its values (see the module docstring); results
+#: stored under another version are recomputed by ``eval --resume`` and ``reproduce``.
+EVAL_PROTOCOL = 3
 
 # Attacks whose strength is ordered (same ε): a stronger one must not give a higher RA.
 _STRENGTH = {"none": 0, "fgsm": 1, "pgd": 2, "apgd": 3, "autoattack": 4}
 
-
-class EvalWarning(UserWarning):
-    """A sanity check of `evaluate` failed: the numbers may not mean what they seem."""
-
-
-def confidence_interval(values: Iterable[float]) -> tuple[float, float]:
-    r"""Mean and half-width of the normal 95% confidence interval of per-task values.
-
-    `\mathrm{ci95} = 1.96 \cdot s / \sqrt{n}` with `s` the sample standard
-    deviation (``ddof=1``). With a single value the interval is undefined and ``nan``.
-
-    Args:
-        values: per-task numbers (e.g. accuracies in [0, 1]).
-
-    Returns:
-        ``(mean, ci95)``.
-
-    Raises:
-        ValueError: no values, or a value that is not finite.
-
-    Example:
-        >>> mean, ci = confidence_interval([0.2, 0.4, 0.6])  # 0.4 and 1.96·0.2/√3 ≈ 0.2263
-    """
-    m = Metric.from_values(values)
-    return m.mean, m.ci95
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One metric over tasks.
-
-    Attributes:
-        mean: mean over tasks.
-        ci95: ``1.96 · std / √n`` (``nan`` when ``n < 2``).
-        std: sample standard deviation (``ddof=1``; ``nan`` when ``n < 2``).
-        n: number of tasks.
-        values: the per-task values, in task order.
-    """
-
-    mean: float
-    ci95: float
-    std: float
-    n: int
-    values: list[float] = field(repr=False)
-
-    @classmethod
-    def from_values(cls, values: Iterable[float]) -> Metric:
-        """Build from per-task values (computed in float64 with ``math.fsum``)."""
-        vals = [float(v) for v in values]
-        if not vals:
-            raise ValueError("no values: a metric needs at least one task")
-        bad = [v for v in vals if not math.isfinite(v)]
-        if bad:
-            raise ValueError(f"metric values must be finite, got {bad[:3]}")
-        n = len(vals)
-        mean = math.fsum(vals) / n
-        if n < 2:
-            std = ci = float("nan")
-        else:
-            std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1))
-            ci = 1.96 * std / math.sqrt(n)
-        return cls(mean, ci, std, n, vals)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "ci95": self.ci95, "std": self.std, "n": self.n,
-                "values": list(self.values)}
-
-
-def metric_name(attack: str, eps: float) -> str:
-    """The metric key of an (attack label, ε) pair: ``"ra[pgd@8/255]"``."""
-    return f"ra[{attack}@{eps * 255:g}/255]"
-
-
-@dataclass
-class EvalResult:
-    """What `evaluate` returns.
-
-    Attributes:
-        metrics: ``name -> Metric``. ``"sa"``; ``"ra"`` (the first attack at the first
-            nonzero ε; absent when every ε is 0); ``"ra[<attack>@<ε·255>/255]"`` for every
-            (attack, ε) pair, e.g. ``"ra[pgd@2/255]"``.
-        settings: the evaluation settings (JSON-serialisable), with timing.
-        warnings: messages of the sanity checks that failed.
-
-    Example:
-        >>> res = evaluate(model, tasks, eps=[0, 2/255, 4/255])
-        >>> res.metrics["ra"].mean, res.metrics["ra"].ci95
-        >>> print(res.table()); res.to_json("eval.json")
-        >>> eps, means, cis = res.curve()
-    """
-
-    metrics: dict[str, Metric]
-    settings: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-    # ---------------------------------------------------------------- export / import
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict: ``{"metrics": {name: {mean, ci95, std, n, values}}, "settings", "warnings"}``."""
-        return {
-            "metrics": {k: m.to_dict() for k, m in self.metrics.items()},
-            "settings": dict(self.settings),
-            "warnings": list(self.warnings),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EvalResult:
-        """Inverse of `to_dict` (statistics are recomputed from the per-task values)."""
-        if "metrics" not in data:
-            raise ValueError("not an EvalResult dict: no 'metrics' key")
-        metrics = {k: Metric.from_values(v["values"]) for k, v in data["metrics"].items()}
-        return cls(metrics, dict(data.get("settings", {})), list(data.get("warnings", [])))
-
-    def to_json(self, path: str | Path) -> Path:
-        """Write `to_dict` as JSON; returns the path."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2, default=str))
-        return path
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> EvalResult:
-        """Read a file written by `to_json`."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    def to_csv(self, path: str | Path) -> Path:
-        """Write one row per task: ``task, sa, ra, ra[...], ...``; returns the path."""
-        path = Path(path)
-        names = list(self.metrics)
-        n = self.n_tasks
-        with path.open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["task", *names])
-            for i in range(n):
-                w.writerow([i, *(repr(self.metrics[k].values[i]) for k in names)])
-        return path
-
-    @classmethod
-    def from_csv(cls, path: str | Path) -> EvalResult:
-        """Read per-task rows written by `to_csv` (settings and warnings are not in it)."""
-        with Path(path).open(newline="") as fh:
-            rows = list(csv.reader(fh))
-        if not rows or rows[0][:1] != ["task"]:
-            raise ValueError(f"{path} is not an EvalResult CSV (no 'task' header)")
-        names = rows[0][1:]
-        cols = {k: [float(r[j + 1]) for r in rows[1:]] for j, k in enumerate(names)}
-        return cls({k: Metric.from_values(v) for k, v in cols.items()})
-
-    # ---------------------------------------------------------------- views
-    @property
-    def n_tasks(self) -> int:
-        return next(iter(self.metrics.values())).n if self.metrics else 0
-
-    def curve(self, attack: str | None = None) -> tuple[list[float], list[float], list[float]]:
-        """The RA-vs-ε curve of one attack, sorted by ε.
-
-        ε = 0 is SA: when the sweep has no 0, the point ``(0, SA)`` is added.
-
-        Args:
-            attack: attack label (default: the first one evaluated).
-
-        Returns:
-            ``(eps_list, means, ci95s)`` with ε in [0, 1] pixel units.
-
-        Raises:
-            KeyError: unknown attack label.
-        """
-        labels = list(self.settings.get("attacks", []))
-        eps_list = [float(e) for e in self.settings.get("eps", [])]
-        if not labels:  # e.g. read back from CSV: recover from metric names
-            labels, seen = [], set()
-            for k in self.metrics:
-                if k.startswith("ra[") and "@" in k:
-                    lab = k[3:k.rindex("@")]
-                    if lab not in seen:
-                        seen.add(lab)
-                        labels.append(lab)
-        if attack is None:
-            if not labels:
-                raise KeyError("no attack was evaluated")
-            attack = labels[0]
-        if attack not in labels:
-            raise KeyError(f"unknown attack {attack!r}; evaluated: {labels}")
-        if not eps_list:
-            prefix = f"ra[{attack}@"
-            eps_list = [float(k[len(prefix):-len("/255]")]) / 255 for k in self.metrics
-                        if k.startswith(prefix)]
-        pts = [(e, self.metrics[metric_name(attack, e)]) for e in eps_list]
-        if not any(e == 0 for e, _ in pts) and "sa" in self.metrics:
-            pts.append((0.0, self.metrics["sa"]))
-        pts.sort(key=lambda p: p[0])
-        return [e for e, _ in pts], [m.mean for _, m in pts], [m.ci95 for _, m in pts]
-
-    def table(self) -> str:
-        """A text table: one line per metric with mean, ±ci95 and n (in percent)."""
-        width = max(len(k) for k in self.metrics) if self.metrics else 6
-        lines = [f"{'metric':<{width}}  {'mean %':>8}  {'±ci95 %':>8}  {'n':>6}"]
-        lines.append("-" * len(lines[0]))
-        for k, m in self.metrics.items():
-            lines.append(f"{k:<{width}}  {100 * m.mean:8.2f}  {100 * m.ci95:8.2f}  {m.n:6d}")
-        for w in self.warnings:
-            lines.append(f"WARNING: {w}")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
-
-
-# ------------------------------------------------------------------------- fine-tuning
-def finetune(
-    model: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    *,
-    steps: int,
-    step_size: StepSize,
-    first_order: bool = True,
-    mode: str = "standard",
-    attack: AttackLike = "pgd",
-    eps: float | None = None,
-    gamma: float = 1.0,
-    attack_steps: int | None = None,
-    attack_step_size: float | None = None,
-    anil: ANILHead | None = None,
-    loss_fn: LossFn | None = None,
-) -> Params:
-    r"""Meta-test fine-tuning of ``model`` on a support set; returns the fast weights.
-
-    * ``mode="standard"`` (S-FT): ``steps`` gradient steps on the clean loss
-      (`robust_meta.adapt`, or ``anil.adapt`` for head-only fine-tuning).
-    * ``mode="adversarial"`` (A-FT, Table 1): steps on
-      `\ell(w; D) + \gamma\,\ell(w; D_{adv})` with adversarial examples generated
-      against the current fast weights at every step (``ATRegularizer`` with
-      ``gamma_in=gamma``); ``gamma=math.inf`` fine-tunes on the adversarial loss only
-      (AQ-style). With ``anil`` only the head adapts.
-
-    Runs in the model's current train/eval mode; call it under ``torch.no_grad()`` to get
-    detached weights (the values do not depend on ``first_order``).
-
-    Args:
-        model: plain ``nn.Module`` or torchmeta ``MetaModule``.
-        inputs, targets: the support set.
-        steps, step_size, first_order, loss_fn: as in `robust_meta.adapt`.
-        mode: ``"standard"`` or ``"adversarial"``.
-        attack, eps, attack_steps, attack_step_size: the A-FT attack (``eps`` required).
-        gamma: weight of the adversarial term (> 0; ``inf`` for adversarial loss only).
-        anil: an `robust_meta.ANILHead` of ``model`` to fine-tune the head only.
-
-    Returns:
-        ``dict[str, Tensor]`` of all parameters.
-
-    Raises:
-        ValueError: unknown ``mode``, A-FT without ``eps``, ``gamma <= 0``, an ``anil`` head
-            of another model.
-
-    Shape:
-        inputs: ``(N·K, C, H, W)`` in [0, 1]; targets: ``(N·K,)``.
-    """
-    if mode not in FINETUNE:
-        raise ValueError(f"unknown finetune mode {mode!r}; choose from {', '.join(FINETUNE)}")
-    if anil is not None and anil.model is not model:
-        raise ValueError("anil must be an ANILHead built on the model being evaluated")
-    if mode == "standard":
-        if anil is not None:
-            return anil.adapt(inputs, targets, steps=steps, step_size=step_size,
-                              first_order=first_order, loss_fn=loss_fn)
-        return adapt(model, inputs, targets, steps=steps, step_size=step_size,
-                     first_order=first_order, loss_fn=loss_fn)
-    if eps is None:
-        raise ValueError("adversarial fine-tuning needs eps (finetune_eps)")
-    eps = check_eps(eps, "finetune eps")
-    gamma = float(gamma)
-    if not gamma > 0:
-        raise ValueError(f"finetune gamma must be > 0 (or inf), got {gamma}")
-    if isinstance(step_size, Mapping) or anil is None:
-        lr = step_size
-    else:
-        lr = {n: step_size for n in anil.head_names}
-    if isinstance(lr, Mapping) and anil is not None:
-        lr = {n: v for n, v in lr.items() if n in anil.head_names}
-    att_steps, att_lr = _attack_steps(attack, attack_steps, attack_step_size)
-    reg = ATRegularizer(attack, eps=eps, steps=att_steps, step_size=att_lr)
-    return adapt(model, inputs, targets, steps=steps, step_size=lr, first_order=first_order,
-                 loss_fn=loss_fn, regularizer=reg, gamma_in=gamma)
-
-
 _finetune = finetune  # ``evaluate`` has a parameter named ``finetune``
 
 
-def _attack_steps(attack: AttackLike, steps: int | None, step_size: float | None):
-    """Iteration settings that apply to a named attack (PGD: steps + step; APGD: steps)."""
-    if isinstance(attack, str):
-        name = attack.lower()
-        if name == "pgd":
-            return steps, step_size
-        if name == "apgd":
-            return steps, None
-    return None, None
-
-
-# ------------------------------------------------------------------------- evaluation
+# ------------------------------------------------------------------------- attacks and ε
 def _attack_label(spec: AttackLike) -> str:
     if isinstance(spec, str):
         return spec.lower()
@@ -421,10 +132,6 @@ def _eps_list(eps: float | Sequence[float]) -> list[float]:
     return vals
 
 
-def _accuracy(logits: Tensor, targets: Tensor) -> float:
-    return float((logits.argmax(dim=1) == targets).double().mean())
-
-
 def _jsonable(x: Any) -> Any:
     if x is None or isinstance(x, (bool, int, float, str)):
         return x
@@ -433,46 +140,6 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, Mapping):
         return {str(k): _jsonable(v) for k, v in x.items()}
     return repr(x)
-
-
-def _first_task_checks(
-    model: nn.Module, fast: Params, task: Task, loss_fn: Callable[[Tensor, Tensor], Tensor]
-) -> list[str]:
-    """AutoAttack-style checks on one task: probabilities out, determinism, zero gradients."""
-    out: list[str] = []
-    x, y = task.query_x, task.query_y
-    with torch.no_grad():
-        a = call_model(model, x, fast)
-        b = call_model(model, x, fast)
-    if a.dim() == 2 and a.shape[1] > 1:
-        rows = a.double().sum(dim=1)
-        if bool(a.min() >= 0) and bool(a.max() <= 1) and bool(torch.allclose(rows, torch.ones_like(rows), atol=1e-5)):
-            out.append(
-                "the model's outputs lie in [0, 1] and sum to 1: it seems to return probabilities, "
-                "not logits; attacks on the cross-entropy of probabilities are weak (AutoAttack "
-                "check_range_output). Remove the final softmax."
-            )
-    if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
-        out.append(
-            "the model is not deterministic: two calls on the same input in the evaluation mode "
-            f"differ by up to {float((a - b).abs().max()):.3g} (dropout or another random "
-            "layer?). RA of a randomised model needs EOT attacks; these numbers may overstate it."
-        )
-    xg = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        loss = loss_fn(call_model(model, xg, fast), y)
-        (g,) = torch.autograd.grad(loss, xg, allow_unused=True)
-    if g is None:
-        zero = x.shape[0]
-    else:
-        zero = int((g.detach().flatten(1).abs().sum(dim=1) == 0).sum())
-    if zero:
-        out.append(
-            f"{zero} of {x.shape[0]} query images have a zero input gradient at the fine-tuned "
-            "weights (first task): gradient-based attacks cannot move them; RA may be "
-            "overestimated by gradient masking (AutoAttack check_zero_gradients)."
-        )
-    return out
 
 
 def _metric_checks(
@@ -592,7 +259,8 @@ def evaluate(
         attack_steps: iterations of ``"pgd"`` and ``"apgd"`` (default 10: PGD-10).
         attack_step_size: PGD step (default ``2.5·ε/attack_steps``).
         loss_fn: fine-tuning loss ``loss_fn(logits, targets)``; default cross-entropy.
-        train_mode: mode for fine-tune, attack and measurement; ``None``: ``model.training``.
+        train_mode: mode for fine-tune, attack and measurement (``model.train(train_mode)``
+            for the call); ``None``: the model's modes as they are, submodule by submodule.
         max_tasks: stop after this many tasks (needed for an endless task stream).
         progress: show a tqdm progress bar (if tqdm is installed).
         checks: run the sanity checks (see below).
@@ -604,7 +272,9 @@ def evaluate(
             the same state give the same values). The global RNG state is left as it was.
         workers: evaluate the tasks in this many processes on this machine (CPU; each gets
             ``threads // workers`` torch threads). The per-task values are the same as with
-            ``workers=1``. The model, ``loss_fn`` and attacks must be picklable (no lambdas).
+            ``workers=1``. The model, ``loss_fn`` and attacks must be picklable (no lambdas) and
+            importable by a new process: a class defined in a notebook or ``python -c`` is
+            refused with a ValueError (move it into a ``.py`` module, or use ``workers=1``).
         compile: ``True``: run the fine-tuning steps, attack steps and measurements through
             ``torch.compile`` (see `robust_meta.fast_paths`); ``"auto"``: the same on CUDA
             when triton is available and at least `AUTO_COMPILE_MIN_TASKS` tasks per process
@@ -612,8 +282,10 @@ def evaluate(
             eager channels_last path); ``False``: eager. Values agree with eager to
             floating-point tolerance.
         channels_last: ``"auto"``: feed convolutional models channels_last images where that
-            layout is measured faster (`robust_meta.channels_last_wins`); ``True``/``False``:
-            always/never.
+            layout is measured faster (`robust_meta.channels_last_wins`) and the model gives
+            the same output on it (checked once per model and input shape; a model that fails
+            on it, e.g. with ``x.view(x.size(0), -1)``, runs on contiguous inputs with a
+            `robust_meta.fast.LayoutWarning`); ``True``/``False``: always (same check)/never.
 
     Returns:
         `EvalResult` with ``metrics["sa"]``, ``metrics["ra"]`` and
@@ -625,10 +297,17 @@ def evaluate(
         TypeError: wrong argument types.
 
     Sanity checks (``checks=True``; appended to ``result.warnings`` and emitted as
-    `EvalWarning`): RA above SA; RA that rises with ε or with a stronger named attack
+    `EvalWarning`): before any task, an attack that cannot travel ε from its start point
+    (steps × step size < ε, `robust_meta.attacks.attack_reach`: a `PGDAttack` with an explicit
+    small ``alpha``, a torchattacks PGD built for a smaller ε, the A-FT attack too; emitted at
+    once); after the tasks, RA above SA; RA that rises with ε or with a stronger named attack
     (fgsm < pgd < apgd < autoattack) beyond the 95% CI of the paired per-task difference;
     on the first task: zero input gradients (gradient masking), outputs that look like
     probabilities rather than logits, a model that is not deterministic between two calls.
+
+    **Host process.** `evaluate` changes nothing process-wide: the global RNG states (CPU and
+    every CUDA device) are as before, and malloc is left alone (see
+    `robust_meta.fast.tune_malloc` for the opt-in that makes CPU evaluation 1.6–2.2× faster).
 
     Shape:
         task images ``(B, C, H, W)`` in [0, 1]; labels ``(B,)`` in ``0..ways-1``.
@@ -639,26 +318,72 @@ def evaluate(
         >>> print(res.table())
         >>> res.metrics["ra[pgd@2/255]"].mean
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if finetune not in FINETUNE:
-        raise ValueError(f"unknown finetune {finetune!r}; choose from {', '.join(FINETUNE)}")
-    steps = check_steps(steps)
-    attack_steps = check_steps(attack_steps, "attack_steps")
-    if attack_steps < 1:
-        raise ValueError(f"attack_steps must be >= 1, got {attack_steps}")
-    if max_tasks is not None:
-        max_tasks = check_steps(max_tasks, "max_tasks")
-        if max_tasks < 1:
-            raise ValueError(f"max_tasks must be >= 1, got {max_tasks}")
+    anil = _anil_head(model, anil)
     eps_list = _eps_list(eps)
     table = _attack_table(attacks)
+    job = _build_job(
+        model, eps_list, table, steps=steps, step_size=step_size, first_order=first_order,
+        finetune=finetune, finetune_attack=finetune_attack, finetune_eps=finetune_eps,
+        finetune_gamma=finetune_gamma, anil=anil, attack_steps=attack_steps,
+        attack_step_size=attack_step_size, loss_fn=loss_fn, train_mode=train_mode, checks=checks,
+        compile=compile, channels_last=channels_last, workers=workers,
+        known=_known_tasks(tasks, max_tasks),
+    )
+    base_seed = _base_seed(seed)
+    early = _reach_checks(job) if checks else []
+    for msg in early:  # before hours of work: say it now
+        warnings.warn(msg, EvalWarning, stacklevel=2)
+
+    values, messages, n, elapsed = _run_tasks(model, job, tasks, base_seed, max_tasks=max_tasks,
+                                              workers=workers, progress=progress)
+    metrics = _aggregate(values, job)
+    late = messages + (_metric_checks(metrics, table, eps_list) if checks else [])
+    settings = _settings(model, job, seed=seed, base_seed=base_seed, workers=workers,
+                         channels_last=channels_last, n=n, elapsed=elapsed)
+    for msg in late:
+        warnings.warn(msg, EvalWarning, stacklevel=2)
+    return EvalResult(metrics, settings, early + late)
+
+
+# ------------------------------------------------------------------------- evaluate's steps
+def _anil_head(model: nn.Module, anil: ANILHead | str | None) -> ANILHead | None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(anil, str):
         anil = ANILHead(model, head=anil)
     elif anil is not None and not isinstance(anil, ANILHead):
         raise TypeError(f"anil must be an ANILHead, a head module name or None, got {type(anil).__name__}")
     if anil is not None and anil.model is not model:
         raise ValueError("anil must be an ANILHead built on the model being evaluated")
+    return anil
+
+
+def _known_tasks(tasks: Any, max_tasks: int | None) -> int | None:
+    """How many tasks are known to be coming (``None``: a stream of unknown length)."""
+    if max_tasks is not None:
+        max_tasks = check_steps(max_tasks, "max_tasks")
+        if max_tasks < 1:
+            raise ValueError(f"max_tasks must be >= 1, got {max_tasks}")
+    known = len(tasks) if isinstance(tasks, Sequence) else None
+    if max_tasks is not None:
+        known = max_tasks if known is None else min(known, max_tasks)
+    return known
+
+
+def _build_job(
+    model: nn.Module, eps_list: list[float], table: list[tuple[str, AttackLike]], *, steps: int,
+    step_size: StepSize, first_order: bool, finetune: str, finetune_attack: AttackLike,
+    finetune_eps: float | None, finetune_gamma: float, anil: ANILHead | None, attack_steps: int,
+    attack_step_size: float | None, loss_fn: LossFn | None, train_mode: bool | None, checks: bool,
+    compile: bool | str, channels_last: bool | str, workers: int, known: int | None,
+) -> _EvalJob:
+    """Validate the options and resolve them into the picklable per-task job."""
+    if finetune not in FINETUNE:
+        raise ValueError(f"unknown finetune {finetune!r}; choose from {', '.join(FINETUNE)}")
+    steps = check_steps(steps)
+    attack_steps = check_steps(attack_steps, "attack_steps")
+    if attack_steps < 1:
+        raise ValueError(f"attack_steps must be >= 1, got {attack_steps}")
     if finetune == "adversarial":
         if finetune_eps is None:
             nonzero = [e for e in eps_list if e > 0]
@@ -668,8 +393,6 @@ def evaluate(
         finetune_eps = check_eps(finetune_eps, "finetune_eps")
     first_param = next(iter(named_params(model).values()))
     device, dtype = first_param.device, first_param.dtype
-    prev_mode = model.training
-    mode = prev_mode if train_mode is None else bool(train_mode)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     if workers > 1 and device.type != "cpu":
@@ -677,53 +400,67 @@ def evaluate(
             f"workers > 1 runs CPU processes, but the model is on {device}; on a GPU use one "
             "process per device (robust_meta.distributed.evaluate_distributed)"
         )
-    known = len(tasks) if isinstance(tasks, Sequence) else None
-    if max_tasks is not None:
-        known = max_tasks if known is None else min(known, max_tasks)
     per_process = None if known is None else -(-known // workers)
     _fast._check_channels_last(channels_last)
-    job = _EvalJob(
+    return _EvalJob(
         steps=steps, step_size=step_size, first_order=first_order, finetune=finetune,
         finetune_attack=finetune_attack, finetune_eps=finetune_eps, finetune_gamma=finetune_gamma,
         attack_steps=attack_steps, attack_step_size=attack_step_size, anil=anil, loss_fn=loss_fn,
-        table=table, eps_list=eps_list, mode=mode, checks=checks,
+        table=table, eps_list=eps_list, mode=None if train_mode is None else bool(train_mode),
+        checks=checks,
         compile=resolve_compile(compile, device, work=per_process, min_work=AUTO_COMPILE_MIN_TASKS),
         channels_last=channels_last, device=device, dtype=dtype,
     )
-    if seed is None:
-        # Drawn from the caller's generator, which is then put back: evaluate never moves it.
-        with torch.random.fork_rng(devices=[]):
-            base_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    else:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        base_seed = int(seed)
 
+
+def _base_seed(seed: int | None) -> int:
+    """Task ``i`` runs on stream ``base + i``; ``None`` draws the base without moving the caller's RNG."""
+    if seed is None:
+        with torch.random.fork_rng(devices=[]):
+            return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    return int(seed)
+
+
+def _reach_checks(job: _EvalJob) -> list[str]:
+    """Attacks that cannot travel ε from their start (steps × step size < ε): RA overstated."""
+    out: list[str] = []
+    pairs = [(label, spec, *_attack_steps(spec, job.attack_steps, job.attack_step_size), e)
+             for label, spec in job.table for e in job.eps_list if e > 0]
+    if job.finetune == "adversarial" and job.finetune_eps:
+        pairs.append(("the A-FT attack (finetune_attack)", job.finetune_attack,
+                      *_attack_steps(job.finetune_attack, job.attack_steps, job.attack_step_size),
+                      job.finetune_eps))
+    for label, spec, a_steps, a_lr, e in pairs:
+        reach = attack_reach(spec, e, steps=a_steps, step_size=a_lr)
+        if reach is not None and reach < e * (1 - 1e-9):
+            out.append(
+                f"attack {label!r} cannot reach the edge of the ε-ball at ε = {e * 255:g}/255: "
+                f"steps × step size = {reach * 255:.4g}/255 < ε, so from its start it never gets "
+                "to where the strongest perturbations are and RA is overstated. Give it more "
+                "steps or a step size that follows ε (PGDAttack(alpha=None): 2.5·ε/steps)."
+            )
+    return out
+
+
+def _run_tasks(model: nn.Module, job: _EvalJob, tasks: Any, base_seed: int, *, max_tasks: int | None,
+               workers: int, progress: bool) -> tuple[dict[str, list[float]], list[str], int, float]:
+    """Per-task values of every metric, the first-task messages, the task count and the time."""
     values: dict[str, list[float]] = OrderedDict(sa=[])
-    for label, _ in table:
-        for e in eps_list:
+    for label, _ in job.table:
+        for e in job.eps_list:
             values[metric_name(label, e)] = []
     messages: list[str] = []
-
     source: Iterable[Task] = iter_tasks(tasks)
     if max_tasks is not None:
         source = itertools.islice(source, max_tasks)
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # pragma: no cover - tqdm is a core dependency
-            tqdm = None
-        if tqdm is not None:
-            bar = tqdm(total=known, desc="evaluate", unit="task", leave=False)
-
+    bar = _progress_bar(_known_tasks(tasks, max_tasks)) if progress else None
     t0 = time.perf_counter()
     n = 0
     try:
-        if workers == 1:
-            results = _serial(model, job, source, base_seed)
-        else:
-            results = _parallel(model, job, source, base_seed, workers)
+        results = (_serial(model, job, source, base_seed) if workers == 1
+                   else _parallel(model, job, source, base_seed, workers))
         with contextlib.closing(results):  # an error here shuts the worker pool down at once
             for row, msgs in results:
                 for k, v in row.items():
@@ -733,62 +470,79 @@ def evaluate(
                 if bar is not None:
                     bar.update(1)
     finally:
-        model.train(prev_mode)
         if bar is not None:
             bar.close()
-    elapsed = time.perf_counter() - t0
     if n == 0:
         raise ValueError("no tasks to evaluate: the task source is empty")
+    return values, messages, n, time.perf_counter() - t0
 
+
+def _progress_bar(total: int | None):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a core dependency
+        return None
+    return tqdm(total=total, desc="evaluate", unit="task", leave=False)
+
+
+def _aggregate(values: Mapping[str, list[float]], job: _EvalJob) -> dict[str, Metric]:
+    """``sa``, ``ra`` (first attack, first nonzero ε) and every ``ra[...]``, from per-task values."""
     metrics: dict[str, Metric] = OrderedDict()
     metrics["sa"] = Metric.from_values(values["sa"])
-    nonzero = [e for e in eps_list if e > 0]
+    nonzero = [e for e in job.eps_list if e > 0]
     if nonzero:
-        metrics["ra"] = Metric.from_values(values[metric_name(table[0][0], nonzero[0])])
+        metrics["ra"] = Metric.from_values(values[metric_name(job.table[0][0], nonzero[0])])
     for k, v in values.items():
         if k != "sa":
             metrics[k] = Metric.from_values(v)
-    if checks:
-        messages += _metric_checks(metrics, table, eps_list)
+    return metrics
 
+
+def _settings(model: nn.Module, job: _EvalJob, *, seed: int | None, base_seed: int, workers: int,
+              channels_last: bool | str, n: int, elapsed: float) -> dict[str, Any]:
+    """The JSON-serialisable record of how the numbers were computed."""
+    modes = module_modes(model)
+    mode = model.training if job.mode is None else job.mode
     settings = {
+        "protocol": EVAL_PROTOCOL,
         "n_tasks": n,
-        "attacks": [label for label, _ in table],
-        "attack_specs": {label: _jsonable(spec) for label, spec in table},
-        "eps": eps_list,
-        "attack_steps": attack_steps,
-        "attack_step_size": attack_step_size,
-        "finetune": finetune,
-        "finetune_steps": steps,
-        "finetune_step_size": _jsonable(step_size),
-        "first_order": first_order,
-        "finetune_attack": _jsonable(finetune_attack) if finetune == "adversarial" else None,
-        "finetune_eps": finetune_eps if finetune == "adversarial" else None,
-        "finetune_gamma": finetune_gamma if finetune == "adversarial" else None,
-        "anil": None if anil is None else repr(anil),
+        "attacks": [label for label, _ in job.table],
+        "attack_specs": {label: _jsonable(spec) for label, spec in job.table},
+        "eps": job.eps_list,
+        "attack_steps": job.attack_steps,
+        "attack_step_size": job.attack_step_size,
+        "finetune": job.finetune,
+        "finetune_steps": job.steps,
+        "finetune_step_size": _jsonable(job.step_size),
+        "first_order": job.first_order,
+        "finetune_attack": _jsonable(job.finetune_attack) if job.finetune == "adversarial" else None,
+        "finetune_eps": job.finetune_eps if job.finetune == "adversarial" else None,
+        "finetune_gamma": job.finetune_gamma if job.finetune == "adversarial" else None,
+        "anil": None if job.anil is None else repr(job.anil),
         "train_mode": mode,
         "seed": seed,
         "base_seed": base_seed,
         "workers": workers,
         "compile": job.compile,
         "channels_last": channels_last,
-        "device": str(device),
-        "dtype": str(dtype),
+        "device": str(job.device),
+        "device_name": _device_name(job.device),
+        "dtype": str(job.dtype),
         "elapsed_s": elapsed,
         "tasks_per_s": n / elapsed if elapsed > 0 else float("inf"),
     }
-    for msg in messages:
-        warnings.warn(msg, EvalWarning, stacklevel=2)
-    return EvalResult(metrics, settings, messages)
+    if job.mode is None:
+        other = sorted(k for k, v in modes.items() if v != mode)
+        if other:  # the modules that ran in the other mode
+            settings["modules_in_" + ("eval" if mode else "train") + "_mode"] = other
+    return settings
 
 
-def _prepare(raw: Task, device: torch.device, dtype: torch.dtype) -> Task:
-    task = raw.to(device)
-
-    def cast(t: Tensor | None) -> Tensor | None:
-        if t is not None and t.is_floating_point() and t.dtype != dtype:
-            return t.to(dtype)
-        return t
-
-    return Task(cast(task.support_x), task.support_y, cast(task.query_x), task.query_y,
-                cast(task.unlabeled), task.classes)
+def _device_name(device: torch.device) -> str:
+    """``"cpu"``, or the GPU's name (CUDA random streams and kernels differ between GPUs)."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.get_device_name(device)
+        except (RuntimeError, AssertionError):  # pragma: no cover - no driver
+            return "cuda"
+    return device.type

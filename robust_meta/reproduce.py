@@ -307,7 +307,10 @@ def reproduce_omniglot(
 def _init_worker(threads: int) -> None:
     import torch
 
+    from .fast import tune_malloc
+
     torch.set_num_threads(threads)
+    tune_malloc()  # a worker process is robust-meta's own (ROBUST_META_MALLOPT=0: off)
 
 
 def _pool_job(args: tuple) -> dict[str, Any]:
