@@ -236,8 +236,10 @@ def reset_peak(device: torch.device) -> int | None:
             fh.write("5")  # resets VmHWM (Linux >= 4.0)
     except OSError:
         pass
-    rss = _status_kib("VmRSS")
-    return None if rss is None else rss * 1024
+    # The kernel's RSS counters are synced lazily (per-thread caches), so right after the reset
+    # VmRSS can read a little above VmHWM: take the smaller, so that "peak - base" is never < 0.
+    rss = [v for v in (_status_kib("VmRSS"), _status_kib("VmHWM")) if v is not None]
+    return min(rss) * 1024 if rss else None
 
 
 def read_peak(device: torch.device) -> int | None:

@@ -128,7 +128,7 @@ def measure(fn: Callable[[], Any], device: torch.device, budget: Budget, *, warm
             peak = bench.read_peak(device)
             if peak is not None and base is not None:
                 peaks.append(peak)
-                over.append(peak - base)
+                over.append(max(0, peak - base))  # lazily synced RSS counters: never < 0
     out: dict[str, Any] = {
         "median_ms": 1e3 * statistics.median(times),
         "min_ms": 1e3 * min(times),
