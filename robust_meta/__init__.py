@@ -8,7 +8,17 @@ not imported here.
 from ._version import __version__
 from .adapt import adapt
 from .anil import ANILHead
-from .attacks import ATTACKS, PGDAttack, TradesAttack, linf_pgd, make_attack, perturb
+from .attacks import (
+    ATTACKS,
+    PGDAttack,
+    StrongAttack,
+    TradesAttack,
+    linf_pgd,
+    make_attack,
+    perturb,
+    project_linf,
+)
+from .auditing import AuditResult, AuditWarning, audit
 from .augment import Augment
 from .contrastive import ContrastiveAux, nt_xent
 from .data import (
@@ -34,7 +44,14 @@ from .datasets import (
     omniglot_task_sampler,
 )
 from .evaluation import EvalResult, EvalWarning, Metric, confidence_interval, evaluate
-from .fast import CompileWarning, channels_last_wins, compile_available, fast_paths
+from .fast import (
+    CompileWarning,
+    LayoutWarning,
+    channels_last_wins,
+    compile_available,
+    fast_paths,
+    tune_malloc,
+)
 from .meta import MetaStepStats, RobustMetaUpdate
 from .models import Conv4, ResNet12, ResNet18, build_model
 from .params import ModelAt, call_features, call_head, call_model, named_params
@@ -45,6 +62,8 @@ __all__ = [
     "ANILHead",
     "ATRegularizer",
     "ATTACKS",
+    "AuditResult",
+    "AuditWarning",
     "Augment",
     "ClassSplits",
     "CompileWarning",
@@ -52,6 +71,7 @@ __all__ = [
     "Conv4",
     "EvalResult",
     "EvalWarning",
+    "LayoutWarning",
     "MetaStepStats",
     "Metric",
     "ModelAt",
@@ -62,6 +82,7 @@ __all__ = [
     "ResNet18",
     "RobustMetaUpdate",
     "RobustnessRegularizer",
+    "StrongAttack",
     "Task",
     "TaskSampler",
     "TradesAttack",
@@ -70,6 +91,7 @@ __all__ = [
     "__version__",
     "adapt",
     "as_task",
+    "audit",
     "build_model",
     "call_features",
     "call_head",
@@ -94,9 +116,11 @@ __all__ = [
     "omniglot_task_sampler",
     "perturb",
     "plot_ra_vs_eps",
+    "project_linf",
     "save_image_grid",
     "split_classes",
     "torchmeta_loader",
     "torchmeta_tasks",
     "trades_kl",
+    "tune_malloc",
 ]

@@ -5,28 +5,80 @@ Re-exported by `robust_meta.train` (`build_task_sources`).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ._train_config import TrainConfig
 from .data import Task
 from .presets import DATASET_PRESETS
 
-__all__ = ["build_task_sources", "omniglot_split_for"]
+__all__ = ["build_task_sources", "data_identity", "omniglot_split_for"]
 
 
 class _TaskSource:
-    """Samples ``n`` tasks of one split reproducibly from a seed."""
+    """Samples ``n`` tasks of one split reproducibly from a seed.
 
-    def __init__(self, sample: Callable[[int, int], list[Task]], name: str):
+    ``identity`` says what the data are (see `data_identity`), the same for every split of
+    one dataset.
+    """
+
+    def __init__(self, sample: Callable[[int, int], list[Task]], name: str, identity: dict[str, Any] | None = None):
         self._sample = sample
         self.name = name
+        self.identity = identity
 
     def sample(self, n: int, seed: int) -> list[Task]:
         return self._sample(n, seed)
+
+
+def _sha256_tensors(*tensors: Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}:{tuple(t.shape)}\0".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _array_identity(kind: str, images: Tensor, labels: Tensor, splits: Any) -> dict[str, Any]:
+    """What an in-memory dataset is: a hash of its images and labels, and its class splits."""
+    as_lists = {name: [str(c) for c in classes] for name, classes in zip(("train", "val", "test"), splits)}
+    return {"kind": kind, "sha256": _sha256_tensors(images, labels), "splits": as_lists}
+
+
+def _files_identity(kind: str, folder: Path) -> dict[str, Any]:
+    """What a folder of (possibly huge) data files is: names, sizes, and a hash of each file's
+    first and last MiB (a full hash of many GB would cost minutes at every start)."""
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h = hashlib.sha256()
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+        files.append([str(path.relative_to(folder)), size, h.hexdigest()])
+    return {"kind": kind, "files": files}
+
+
+def data_identity(sources: dict[str, _TaskSource]) -> dict[str, Any] | None:
+    """What the data of a training run are, independent of where they lie (JSON-able).
+
+    In-memory datasets (digits, ``tensor:PATH``, Omniglot from the official zips): the SHA-256
+    of the decoded images and labels and the class lists of the train / val / test splits
+    (Omniglot: its alphabet split). torchmeta folders: every file's name, size and a hash of
+    its first and last MiB. Two folders with the same identity give the same tasks; a change
+    of content, of the images present or of the split changes it. `robust_meta.train` stores
+    it in ``last.pt`` and refuses to resume on other data (another path to the *same* data is
+    fine); ``reproduce`` and ``eval --resume`` key their reuse on it.
+    """
+    return sources["train"].identity if "train" in sources else None
 
 
 def build_task_sources(config: TrainConfig) -> dict[str, _TaskSource]:
@@ -53,7 +105,8 @@ def build_task_sources(config: TrainConfig) -> dict[str, _TaskSource]:
             # a torchmeta root (omniglot/data.hdf5): torchmeta's loader and Vinyals splits
             for split in ("train", "val", "test"):
                 D.check_torchmeta_folder("omniglot", str(folder), split=split)
-            return _torchmeta_sources(config, D, dataset="omniglot")
+            return _torchmeta_sources(config, D, dataset="omniglot",
+                                      identity=_files_identity("torchmeta:omniglot", folder / "omniglot"))
         return _omniglot_sources(config, D)
     if name in DATASET_PRESETS and DATASET_PRESETS[name].needs_folder:
         folder = config.data_folder
@@ -63,9 +116,13 @@ def build_task_sources(config: TrainConfig) -> dict[str, _TaskSource]:
             )
         if not Path(folder).expanduser().is_dir():
             raise FileNotFoundError(f"data folder {folder!r} for dataset {name!r} does not exist")
+        key = None
         for split in ("train", "val", "test"):
-            D.check_torchmeta_folder(name, folder, split=split)
-        return _torchmeta_sources(config, D)
+            key = D.check_torchmeta_folder(name, folder, split=split)
+        from .datasets.torchmeta import _TORCHMETA_DATASETS
+
+        sub = _TORCHMETA_DATASETS[key][1]
+        return _torchmeta_sources(config, D, identity=_files_identity(f"torchmeta:{key}", Path(folder).expanduser() / sub))
     if name == "digits":
         images, labels = D.load_digits()
         splits = D.digits_splits(seed=0)
@@ -79,6 +136,7 @@ def build_task_sources(config: TrainConfig) -> dict[str, _TaskSource]:
 
 
 def _array_sources(config: TrainConfig, images: Tensor, labels: Tensor, splits: Any, D: Any) -> dict[str, _TaskSource]:
+    identity = _array_identity("tensors", images, labels, splits)
     sources = {}
     for split_name, classes in zip(("train", "val", "test"), splits):
         if len(classes) < config.ways:
@@ -95,11 +153,12 @@ def _array_sources(config: TrainConfig, images: Tensor, labels: Tensor, splits: 
             sampler.generator.manual_seed(seed)  # the stream of step s depends on (seed, s) only
             return sampler.sample(n)
 
-        sources[split_name] = _TaskSource(sample, split_name)
+        sources[split_name] = _TaskSource(sample, split_name, identity)
     return sources
 
 
-def _torchmeta_sources(config: TrainConfig, D: Any, dataset: str | None = None) -> dict[str, _TaskSource]:
+def _torchmeta_sources(config: TrainConfig, D: Any, dataset: str | None = None,
+                       identity: dict[str, Any] | None = None) -> dict[str, _TaskSource]:
     sources = {}
     dataset = config.dataset if dataset is None else dataset
     for split_name in ("train", "val", "test"):
@@ -110,7 +169,7 @@ def _torchmeta_sources(config: TrainConfig, D: Any, dataset: str | None = None) 
                 image_size=config.image_size,
             )
 
-        sources[split_name] = _TaskSource(sample, split_name)
+        sources[split_name] = _TaskSource(sample, split_name, identity)
     return sources
 
 
@@ -129,7 +188,7 @@ def omniglot_split_for(data: Any) -> Any:
     if evaluation and len(background) >= 2:
         import torch
 
-        perm = torch.randperm(len(background), generator=torch.Generator().manual_seed(0)).tolist()
+        perm = torch.randperm(len(background), generator=torch.Generator().manual_seed(0), device="cpu").tolist()
         k = max(1, round(0.2 * len(background)))
         val = tuple(sorted(background[i] for i in perm[:k]))
         train = tuple(sorted(background[i] for i in perm[k:]))
@@ -157,6 +216,7 @@ def _omniglot_sources(config: TrainConfig, D: Any) -> dict[str, _TaskSource]:
         raise FileNotFoundError(f"data folder {folder!r} for dataset {config.dataset!r} does not exist")
     data = D.load_omniglot(Path(folder).expanduser(), image_size=config.image_size)
     splits = omniglot_split_for(data)
+    identity = omniglot_identity(data, splits)
     sources = {}
     for split_name in ("train", "val", "test"):
         sampler = D.omniglot_task_sampler(
@@ -168,6 +228,13 @@ def _omniglot_sources(config: TrainConfig, D: Any) -> dict[str, _TaskSource]:
             sampler.generator.manual_seed(seed)  # the stream of step s depends on (seed, s) only
             return sampler.sample(n)
 
-        sources[split_name] = _TaskSource(sample, split_name)
+        sources[split_name] = _TaskSource(sample, split_name, identity)
     sources["train"].splits = splits  # type: ignore[attr-defined]
     return sources
+
+
+def omniglot_identity(data: Any, splits: Any) -> dict[str, Any]:
+    """`data_identity` of Omniglot read by `robust_meta.datasets.load_omniglot`: content + alphabet split."""
+    return {"kind": "omniglot", "sha256": _sha256_tensors(data.images, data.labels),
+            "classes": hashlib.sha256("\n".join(data.classes).encode()).hexdigest(),
+            "splits": {k: list(v) for k, v in splits.to_dict().items() if k in ("train", "val", "test")}}

@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ways", default=None, help="comma-separated N values (default 5,10,15,20)")
     r.add_argument("--meta-steps", type=int, default=None)
     r.add_argument("--test-tasks", type=int, default=None)
+    r.add_argument("--audit-tasks", type=int, default=None,
+                   help="test tasks of the strong-attack audit of every RA (default 100; 0: none)")
     r.add_argument("--device", default="auto")
     r.add_argument("--workers", default="auto",
                    help="runs at once, each in its own process (default auto: 2 on a CPU with >= 2 "
@@ -341,25 +343,56 @@ def _saved_step(out: Path) -> str:
         return ""
 
 
+def _eval_setup(path: str, *, tasks: int, split: str = "test", data_folder: str | None = None,
+                device: str = "auto", seed: int = 0):
+    """The model, its config, the evaluation tasks and the data's identity of one ``eval``.
+
+    Refuses a checkpoint trained on other data than the folder holds now (its split would not
+    be the one it was trained with: the test split could hold training classes).
+    """
+    from .train import (
+        _device,
+        build_task_sources,
+        data_identity,
+        load_checkpoint,
+        model_from_checkpoint,
+        step_seed,
+    )
+
+    if tasks < 1:
+        raise UsageError(f"--tasks must be >= 1, got {tasks}")
+    dev = _device(device)
+    model, config, _ = model_from_checkpoint(path, device=dev)
+    if data_folder is not None:
+        config = config.replace(data_folder=data_folder)
+    sources = build_task_sources(config)
+    data_id = data_identity(sources)
+    trained_on = load_checkpoint(path).get("extra", {}).get("data")
+    if trained_on is not None and data_id is not None and trained_on != data_id:
+        raise UsageError(
+            f"{path} was trained on other data than {config.data_folder or config.dataset!r} holds now "
+            "(different images or class split, e.g. an archive added to the folder): its "
+            f"{split} split could contain classes it was trained on. Evaluate it on the data it "
+            "was trained on (--data-folder)"
+        )
+    task_list = sources[split].sample(tasks, step_seed(seed, f"eval:{split}"))
+    return model, config, task_list, data_id, dev
+
+
 def _eval_checkpoint(
     path: str, *, tasks: int, split: str = "test", attacks: Sequence[str] = ("pgd",),
     eps: Sequence[float] | None = None, steps: int | None = None, step_size: float | None = None,
     attack_steps: int = 10, finetune: str = "standard", data_folder: str | None = None,
     device: str = "auto", seed: int = 0, progress: bool = True, mode: str = "train",
-    workers: int = 1, compile: str = "auto",
+    workers: int = 1, compile: str = "auto", setup: tuple | None = None,
 ):
     from .anil import ANILHead
     from .evaluation import evaluate
     from .presets import method_preset
-    from .train import _device, build_task_sources, model_from_checkpoint, step_seed
 
-    if tasks < 1:
-        raise UsageError(f"--tasks must be >= 1, got {tasks}")
-    model, config, _ = model_from_checkpoint(path, device=_device(device))
-    if data_folder is not None:
-        config = config.replace(data_folder=data_folder)
-    sources = build_task_sources(config)
-    task_list = sources[split].sample(tasks, step_seed(seed, f"eval:{split}"))
+    if setup is None:
+        setup = _eval_setup(path, tasks=tasks, split=split, data_folder=data_folder, device=device, seed=seed)
+    model, config, task_list, _, _ = setup
     eps_list = list(eps) if eps else [0.0, config.eps]
     if 0.0 not in eps_list:
         eps_list = [0.0, *eps_list]
@@ -377,11 +410,16 @@ def _eval_checkpoint(
 
 
 def _workers_arg(value: str, device: str) -> int:
-    """``--workers``: an integer >= 1, or ``auto`` (one per core on a CPU, 1 on a GPU)."""
+    """``--workers``: an integer >= 1, or ``auto`` (one per usable core on a CPU, 1 on a GPU).
+
+    The usable cores are those this process may run on: its CPU affinity (``taskset``, Slurm)
+    and its cgroup quota (Kubernetes, ``docker --cpus``), not the machine's core count.
+    """
+    from ._cpus import usable_cpus
     from .train import _device
 
     if value == "auto":
-        return max(1, os.cpu_count() or 1) if _device(device).type == "cpu" else 1
+        return usable_cpus() if _device(device).type == "cpu" else 1
     try:
         workers = int(value)
     except ValueError:
@@ -391,16 +429,22 @@ def _workers_arg(value: str, device: str) -> int:
     return workers
 
 
-def _eval_request(args: argparse.Namespace, attacks: Sequence[str]) -> dict[str, Any]:
-    """What an ``eval`` computes: the checkpoint's SHA-256 and every option that changes a number."""
+def _eval_request(args: argparse.Namespace, attacks: Sequence[str], data_id: Any = None,
+                  device: Any = None) -> dict[str, Any]:
+    """What an ``eval`` computes: the checkpoint's SHA-256, the data's identity (content and
+    split, not the folder's path), the device, the evaluation protocol and every option that
+    changes a number."""
     from ._checkpoint import file_sha256
+    from .evaluation import EVAL_PROTOCOL, _device_name
 
     return {
         "checkpoint_sha256": file_sha256(args.checkpoint), "tasks": args.tasks, "split": args.split,
         "attacks": list(attacks), "eps": None if args.eps is None else [float(e) for e in args.eps],
         "steps": args.steps, "step_size": args.step_size, "attack_steps": args.attack_steps,
-        "finetune": args.finetune, "data_folder": args.data_folder, "seed": args.seed,
-        "mode": args.mode, "compile": args.compile,
+        "finetune": args.finetune, "data": data_id, "seed": args.seed,
+        "mode": args.mode, "compile": args.compile, "protocol": EVAL_PROTOCOL,
+        "device": None if device is None else str(device),
+        "device_name": None if device is None else _device_name(device),
     }
 
 
@@ -454,7 +498,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
     out = Path(args.out) if args.out else None
-    request = _eval_request(args, attacks)
+    setup = _eval_setup(args.checkpoint, tasks=args.tasks, split=args.split, data_folder=args.data_folder,
+                        device=args.device, seed=args.seed)
+    request = _eval_request(args, attacks, data_id=setup[3], device=setup[4])
     if out is not None and args.resume:
         done = _finished_eval(out, request)
         if done is not None:
@@ -469,7 +515,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             steps=args.steps, step_size=args.step_size, attack_steps=args.attack_steps,
             finetune=args.finetune, data_folder=args.data_folder, device=args.device, seed=args.seed,
             progress=args.progress, mode=args.mode, workers=_workers_arg(args.workers, args.device),
-            compile=args.compile,
+            compile=args.compile, setup=setup,
         )
         result.settings["request"] = request
         print(f"{config.method} on {config.dataset} ({args.split} split, {result.n_tasks} tasks)")
@@ -684,11 +730,14 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         changes["meta_steps"] = args.meta_steps
     if args.test_tasks is not None:
         changes["test_tasks"] = args.test_tasks
+    if args.audit_tasks is not None:
+        changes["audit_tasks"] = args.audit_tasks
     settings = OmniglotReproduction.quick(**changes) if args.quick else OmniglotReproduction(**changes)
     if args.workers == "auto":
+        from ._cpus import usable_cpus
         from .train import _device
 
-        workers = 2 if _device(args.device).type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+        workers = 2 if _device(args.device).type == "cpu" and usable_cpus() >= 2 else 1
     else:
         try:
             workers = int(args.workers)

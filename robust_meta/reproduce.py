@@ -11,16 +11,30 @@ Files written in ``out``:
 * ``runs/<method>-<N>way/``: the training run (``best.pt``, ``last.pt``, logs) and
   ``result.json`` (its evaluation);
 * ``results.json``: ``{"runs": [{"method", "ways", "shots", "checkpoint", "sa": {"mean",
-  "ci95"}, "ra": {"mean", "ci95"}, "eps", "train_seconds", ...}], "settings": {...}}``;
+  "ci95"}, "ra": {"mean", "ci95"}, "eps", "train_seconds", "audit": {...}, ...}], "settings":
+  {...}}``;
   ``checkpoint`` is relative to ``out`` and loads with
   `robust_meta.train.model_from_checkpoint` (its config holds the test-time ``inner_lr`` and
   ``test_inner_steps``);
 * ``table.md`` and ``omniglot_ways.png`` / ``.svg`` (SA and RA versus N, one line per
   method, 95% CI bands).
 
-**Resumable.** Every file is written atomically. A finished run (its ``result.json`` for
-the same settings) is not redone; an interrupted one resumes from its ``last.pt`` (bitwise the
-same as an uninterrupted run on the CPU).
+**A strong-attack audit of every RA.** On the first ``audit_tasks`` test tasks each model is
+also attacked by a `robust_meta.StrongAttack` (PGD-``audit_steps`` with step ε/4,
+``audit_restarts`` random restarts × {cross-entropy, logit margin}, per-image worst case),
+on the same fine-tuned weights and random streams (`robust_meta.audit`); the row's
+``"audit"`` holds the protocol RA, the strong RA, the worst case of both and the drop, and a
+drop above ``audit_tolerance`` is flagged (an `robust_meta.AuditWarning` and a mark in
+``table.md``).
+
+**Resumable, and never on other data.** Every file is written atomically. A finished run is
+reused only when everything that defines its result is the same: the settings, the evaluation
+protocol (`robust_meta.evaluation.EVAL_PROTOCOL`) and the data — their *content* and class
+split (`robust_meta.train.data_identity`), not the folder's path: adding
+``images_background_small2.zip`` next to ``small1`` changes the alphabet split, so every run
+is trained again, never scored on alphabets it was trained on. An interrupted run resumes
+from its ``last.pt`` (bitwise the same as an uninterrupted run on the CPU), also through
+another path to the same data.
 """
 
 from __future__ import annotations
@@ -97,6 +111,9 @@ class OmniglotReproduction:
         val_tasks, eval_every: meta-validation tasks and their period (model selection).
         image_size: Omniglot images are resized to this.
         seed: the seed of everything.
+        audit_tasks: test tasks of the strong-attack audit (the first ones; 0: no audit).
+        audit_steps, audit_restarts: the `robust_meta.StrongAttack` of the audit.
+        audit_tolerance: a mean RA drop above this flags the row (default 3 points).
     """
 
     methods: tuple[str, ...] = tuple(OMNIGLOT_METHODS)
@@ -121,12 +138,17 @@ class OmniglotReproduction:
     eval_every: int = 100
     image_size: int = 28
     seed: int = 0
+    audit_tasks: int = 100
+    audit_steps: int = 50
+    audit_restarts: int = 3
+    audit_tolerance: float = 0.03
 
     @classmethod
     def quick(cls, **changes: Any) -> OmniglotReproduction:
         """A few-minute version for CI: tiny model, a handful of steps and tasks."""
         base = dict(meta_steps=3, hidden=8, test_tasks=8, val_tasks=4, eval_every=3,
-                    inner_steps=1, test_inner_steps=2, eval_attack_steps=2, train_attack_steps=1)
+                    inner_steps=1, test_inner_steps=2, eval_attack_steps=2, train_attack_steps=1,
+                    audit_tasks=3, audit_steps=4, audit_restarts=1)
         return cls(**{**base, **changes})
 
     def __post_init__(self) -> None:
@@ -140,9 +162,14 @@ class OmniglotReproduction:
                 f"shots + queries = {self.shots + max(self.queries, self.test_queries)} > 20: "
                 "Omniglot has 20 drawings of each character"
             )
-        for name in ("test_tasks", "meta_steps", "meta_batch", "hidden", "val_tasks", "eval_every"):
+        for name in ("test_tasks", "meta_steps", "meta_batch", "hidden", "val_tasks", "eval_every",
+                     "audit_steps", "audit_restarts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.audit_tasks <= self.test_tasks:
+            raise ValueError(f"audit_tasks must lie in [0, test_tasks={self.test_tasks}], got {self.audit_tasks}")
+        if not 0 <= self.audit_tolerance <= 1:
+            raise ValueError(f"audit_tolerance must lie in [0, 1], got {self.audit_tolerance}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -175,11 +202,15 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _run_settings(settings: OmniglotReproduction, method: str, ways: int, splits: Any) -> dict[str, Any]:
+def _run_settings(settings: OmniglotReproduction, method: str, ways: int, data_id: Any) -> dict[str, Any]:
+    """Everything that defines one run's result (its reuse key): settings, data, protocol."""
+    from .evaluation import EVAL_PROTOCOL
+
     keep = settings.to_dict()
     keep.pop("methods"), keep.pop("ways")
     keep["gamma_out"] = settings.gamma_out.get(method)
-    return {"method": method, "ways": ways, "settings": keep, "splits": splits.to_dict()}
+    return {"method": method, "ways": ways, "settings": keep, "data": data_id,
+            "protocol": EVAL_PROTOCOL}
 
 
 def reproduce_omniglot(
@@ -213,8 +244,9 @@ def reproduce_omniglot(
         ValueError: bad settings, or a split with fewer classes than the largest N.
     """
     from . import data as D
+    from ._cpus import usable_cpus
     from ._io import atomic_write_json, atomic_write_text
-    from ._train_data import omniglot_split_for
+    from ._train_data import omniglot_identity, omniglot_split_for
 
     settings = OmniglotReproduction() if settings is None else settings
     if not isinstance(settings, OmniglotReproduction):
@@ -225,6 +257,7 @@ def reproduce_omniglot(
     out.mkdir(parents=True, exist_ok=True)
     data = D.load_omniglot(data_folder, image_size=settings.image_size)
     splits = omniglot_split_for(data)
+    data_id = omniglot_identity(data, splits)
     for split in ("val", "test"):
         part = data.split(splits, split)
         if part.num_classes < max(settings.ways):
@@ -243,7 +276,7 @@ def reproduce_omniglot(
     jobs = [(m, n) for m in settings.methods for n in settings.ways]
     records: dict[tuple[str, int], dict[str, Any]] = {}
     for m, n in jobs:
-        done = _finished_record(out, settings, m, n, splits)
+        done = _finished_record(out, settings, m, n, data_id)
         if done is not None:
             records[(m, n)] = done
     bars = {}
@@ -256,15 +289,14 @@ def reproduce_omniglot(
     try:
         if workers == 1 or len(todo) <= 1:
             for m, n in todo:
-                records[(m, n)] = _run_one(data, splits, settings, m, n, out, folder, device,
+                records[(m, n)] = _run_one(data, splits, data_id, settings, m, n, out, folder, device,
                                            progress and workers == 1, bars.get(m))
                 if m in bars:
                     bars[m].update(1)
         else:
             import multiprocessing as mp
-            import os
 
-            threads = max(1, (os.cpu_count() or 1) // workers)
+            threads = max(1, usable_cpus() // workers)
             todo.sort(key=lambda j: -j[1])  # the widest (slowest) runs first: better packing
             ctx = mp.get_context("spawn")
             with ctx.Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
@@ -289,6 +321,7 @@ def reproduce_omniglot(
             **settings.to_dict(),
             "data_folder": str(data_folder),
             "splits": splits.to_dict(),
+            "data_sha256": data_id["sha256"],
             "classes": {s: data.split(splits, s).num_classes for s in ("train", "val", "test")},
             "device": device,
             "workers": workers,
@@ -316,18 +349,19 @@ def _init_worker(threads: int) -> None:
 def _pool_job(args: tuple) -> dict[str, Any]:
     """One (method, N) run in a worker process (data from the on-disk cache)."""
     from . import data as D
-    from ._train_data import omniglot_split_for
+    from ._train_data import omniglot_identity, omniglot_split_for
 
     folder, settings, method, ways, out, device = args
     data = D.load_omniglot(folder, image_size=settings.image_size)
-    return _run_one(data, omniglot_split_for(data), settings, method, ways, Path(out), folder,
-                    device, False, None)
+    splits = omniglot_split_for(data)
+    return _run_one(data, splits, omniglot_identity(data, splits), settings, method, ways, Path(out),
+                    folder, device, False, None)
 
 
-def _finished_record(out: Path, settings: OmniglotReproduction, method: str, ways: int, splits: Any):
-    """The stored ``result.json`` of a run if it is for exactly these settings, else ``None``."""
+def _finished_record(out: Path, settings: OmniglotReproduction, method: str, ways: int, data_id: Any):
+    """The stored ``result.json`` of a run if it is for exactly these settings, data and protocol."""
     path = out / "runs" / f"{method}-{ways}way" / "result.json"
-    key = _fingerprint(_run_settings(settings, method, ways, splits))
+    key = _fingerprint(_run_settings(settings, method, ways, data_id))
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -335,42 +369,48 @@ def _finished_record(out: Path, settings: OmniglotReproduction, method: str, way
     return old if isinstance(old, dict) and old.get("key") == key else None
 
 
-def _run_one(data, splits, settings, method, ways, out, folder, device, progress, bar) -> dict[str, Any]:
+def _run_one(data, splits, data_id, settings, method, ways, out, folder, device, progress, bar) -> dict[str, Any]:
     """Train (or resume) and evaluate one (method, N) run; write its ``result.json``."""
     from . import data as D
     from ._io import atomic_write_json
     from ._rng import step_seed
     from ._train_config import resolve_device
-    from .evaluation import evaluate
+    from .attacks import StrongAttack
+    from .auditing import audit
+    from .evaluation import EVAL_PROTOCOL, evaluate
     from .train import model_from_checkpoint, train
 
     run_dir = out / "runs" / f"{method}-{ways}way"
-    key = _fingerprint(_run_settings(settings, method, ways, splits))
+    key = _fingerprint(_run_settings(settings, method, ways, data_id))
     if bar is not None:
         bar.set_postfix_str(f"{ways}-way: training")
     cfg = settings.train_config(method, ways, folder, device=device)
     best = run_dir / "best.pt"
-    if _finished_training(run_dir, cfg):
+    state = _training_state(run_dir, cfg, data_id)
+    if state == "finished":
         train_seconds = _previous_train_seconds(run_dir)
     else:
+        if state == "other":  # trained on other data or settings: never reused
+            (run_dir / "train_time.json").unlink(missing_ok=True)
         t0 = time.perf_counter()
-        best = train(cfg, out_dir=run_dir, resume=(run_dir / "last.pt").exists(), progress=progress)
-        train_seconds = time.perf_counter() - t0 + _previous_train_seconds(run_dir)
+        previous = _previous_train_seconds(run_dir) if state == "resume" else 0.0
+        best = train(cfg, out_dir=run_dir, resume=state == "resume", overwrite=state == "other",
+                     progress=progress)
+        train_seconds = time.perf_counter() - t0 + previous
         atomic_write_json({"train_seconds": train_seconds}, run_dir / "train_time.json")
     if bar is not None:
         bar.set_postfix_str(f"{ways}-way: evaluating")
-    model, config, _ = model_from_checkpoint(best, device=resolve_device(device))
+    dev = resolve_device(device)
+    model, config, _ = model_from_checkpoint(best, device=dev)
     sampler = D.omniglot_task_sampler(
         data, splits, "test", ways=ways, shots=settings.shots, queries=settings.test_queries,
         seed=step_seed(settings.seed, f"test:{ways}") % 2**62,
     )
     tasks = sampler.sample(settings.test_tasks)
+    protocol = dict(steps=config.test_inner_steps, step_size=config.inner_lr,
+                    attack_steps=settings.eval_attack_steps, seed=settings.seed, progress=progress)
     t0 = time.perf_counter()
-    res = evaluate(
-        model, tasks, eps=settings.eps, steps=config.test_inner_steps, step_size=config.inner_lr,
-        attacks=("pgd",), attack_steps=settings.eval_attack_steps, seed=settings.seed,
-        progress=progress, checks=False,
-    )
+    res = evaluate(model, tasks, eps=settings.eps, attacks=("pgd",), checks=False, **protocol)
     eval_seconds = time.perf_counter() - t0
     sa, ra = res.metrics["sa"], res.metrics["ra"]
     record = {
@@ -387,22 +427,45 @@ def _run_one(data, splits, settings, method, ways, out, folder, device, progress
         "n_tasks": res.n_tasks,
         "attack": f"PGD-{settings.eval_attack_steps}",
         "train_mode": res.settings["train_mode"],
+        "protocol": EVAL_PROTOCOL,
+        "device": res.settings["device"],
+        "device_name": res.settings["device_name"],
     }
+    if settings.audit_tasks:
+        if bar is not None:
+            bar.set_postfix_str(f"{ways}-way: audit")
+        strong = StrongAttack(steps=settings.audit_steps, restarts=settings.audit_restarts)
+        t0 = time.perf_counter()
+        au = audit(model, tasks[: settings.audit_tasks], eps=settings.eps, strong=strong,
+                   tolerance=settings.audit_tolerance, **protocol)
+        record["audit"] = {**au.to_dict(), "seconds": time.perf_counter() - t0}
     atomic_write_json(record, run_dir / "result.json")
     return record
 
 
-def _finished_training(run_dir: Path, cfg: Any) -> bool:
-    """Whether ``run_dir`` holds a completed training run of exactly ``cfg``."""
+def _training_state(run_dir: Path, cfg: Any, data_id: Any) -> str:
+    """``"finished"``, ``"resume"``, ``"new"`` (no run) or ``"other"`` (a run on other data/settings).
+
+    A run counts as this one only if ``last.pt`` holds exactly this config (the data folder's
+    path aside) and was trained on data of this `robust_meta.train.data_identity`; a
+    ``last.pt`` without a data identity (robust-meta < 0.3) cannot be checked and is redone.
+    """
     from .train import CheckpointError, load_checkpoint
 
-    if not (run_dir / "best.pt").is_file() or not (run_dir / "last.pt").is_file():
-        return False
+    last_path = run_dir / "last.pt"
+    if not last_path.is_file():
+        return "new"
     try:
-        last = load_checkpoint(run_dir / "last.pt")
+        last = load_checkpoint(last_path)
     except (CheckpointError, OSError):
-        return False
-    return last.get("step") == cfg.meta_steps and last.get("config") == cfg.to_dict()
+        return "other"
+    old, new = dict(last.get("config", {})), cfg.to_dict()
+    old.pop("data_folder", None), new.pop("data_folder", None)
+    if old != new or last.get("extra", {}).get("data") != data_id:
+        return "other"
+    if last.get("step") == cfg.meta_steps and (run_dir / "best.pt").is_file():
+        return "finished"
+    return "resume"
 
 
 def _previous_train_seconds(run_dir: Path) -> float:
@@ -441,6 +504,30 @@ def results_table(doc: dict[str, Any]) -> str:
         f"SA / RA in %, mean ± 95% CI over {n_tasks} test tasks of held-out alphabets; "
         f"RA under {attack} at ε = {eps * 255:.3g}/255; 1-shot; train time summed over the N-way runs."
     )
+    audited = [r for r in runs if r.get("audit")]
+    if audited:
+        a0 = audited[0]["audit"]
+        lines += ["", "Strong-attack audit: RA under the protocol's attack → worst case with a far stronger one "
+                  f"({a0['strong_attack']}), on the first {a0['n_tasks']} test tasks (drop in points ± 95% CI):", ""]
+        lines.append("| method | " + " | ".join(f"{n}-way" for n in ways) + " |")
+        lines.append("|---|" + "---|" * len(ways))
+        for m in methods:
+            cells = []
+            for n in ways:
+                a = (by.get((m, n)) or {}).get("audit")
+                if not a:
+                    cells.append("–")
+                    continue
+                flag = " ⚠" if a["flagged"] else ""
+                cells.append(f"{100 * a['ra_protocol']['mean']:.1f} → {100 * a['ra_worst']['mean']:.1f} "
+                             f"(−{100 * a['drop']['mean']:.1f} ± {100 * a['drop']['ci95']:.1f}){flag}")
+            lines.append(f"| {PAPER_NAMES.get(m, m)} | " + " | ".join(cells) + " |")
+        tol = a0.get("tolerance", 0.03)
+        flagged = [r for r in audited if r["audit"]["flagged"]]
+        lines.append("")
+        lines.append(f"⚠: the drop exceeds {100 * tol:g} points ({len(flagged)} of {len(audited)} runs): "
+                     "that RA overstates robustness; the worst case is the one to report." if flagged else
+                     f"No drop exceeds {100 * tol:g} points.")
     return "\n".join(lines) + "\n"
 
 

@@ -79,7 +79,13 @@ from ._rng import step_seed
 from ._signals import Interrupted, SignalGuard
 from ._train_config import AUTO_COMPILE_MIN_STEPS, RESUMABLE_CHANGES, SELECT, TrainConfig
 from ._train_config import resolve_device as _device
-from ._train_data import _array_sources, _TaskSource, _torchmeta_sources, build_task_sources
+from ._train_data import (
+    _array_sources,
+    _TaskSource,
+    _torchmeta_sources,
+    build_task_sources,
+    data_identity,
+)
 from .adapt import adapt
 from .anil import ANILHead
 from .attacks import perturb
@@ -98,6 +104,7 @@ __all__ = [
     "TrainConfig",
     "atomic_save",
     "build_model_for",
+    "data_identity",
     "load_checkpoint",
     "model_from_checkpoint",
     "save_checkpoint",
@@ -427,10 +434,10 @@ class _Boundary:
 
 
 def _best_payload(model: nn.Module, config: TrainConfig, step: int, aux: nn.Module | None,
-                  val: Mapping[str, Any], score: float) -> dict[str, Any]:
-    """The ``best.pt`` content for the model as it is now (copied)."""
+                  val: Mapping[str, Any], score: float, data: Any = None) -> dict[str, Any]:
+    """The ``best.pt`` content for the model as it is now (copied); ``data``: `data_identity`."""
     return checkpoint_state(model=model, config=config, step=step, aux=aux,
-                            extra={"val": dict(val), "score": score, "select": config.select})
+                            extra={"val": dict(val), "score": score, "select": config.select, "data": data})
 
 
 def _write_logs(records: list[dict[str, Any]], log_path: Path, csv_path: Path) -> None:
@@ -444,6 +451,35 @@ def _write_best(best: Mapping[str, Any] | None, best_path: Path) -> None:
             best_path.unlink()
     else:
         atomic_save(best, best_path)
+
+
+def _check_resumable(ckpt: Mapping[str, Any], config: TrainConfig, data_id: Any, last_path: Path) -> None:
+    """Refuse to resume on another config or other data; another path to the same data is fine.
+
+    Raises:
+        CheckpointError: a config option outside `RESUMABLE_CHANGES` differs, or the data differ
+            from those ``last.pt`` was trained on (splits, images, labels).
+    """
+    old = dict(ckpt["config"])
+    new = config.to_dict()
+    saved_id = ckpt.get("extra", {}).get("data")
+    if saved_id is not None and data_id is not None and saved_id != data_id:
+        what = [k for k in sorted(set(saved_id) | set(data_id)) if saved_id.get(k) != data_id.get(k)]
+        raise CheckpointError(
+            f"cannot resume {str(last_path)!r}: the data differ from those it was trained on "
+            f"({', '.join(what)} changed; e.g. files added to or removed from the data folder, "
+            "which changes the class split). Start again in a new --out folder (or --overwrite)"
+        )
+    same_data = saved_id is not None and saved_id == data_id
+    diff = sorted(k for k in set(old) | set(new)
+                  if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
+                  and not (k == "data_folder" and same_data))  # where the data lie may change
+    if diff:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(config, k, None)!r}" for k in diff[:6])
+        raise CheckpointError(
+            f"cannot resume {str(last_path)!r}: the config differs in {details}; only "
+            f"{sorted(RESUMABLE_CHANGES)} (and data_folder, for the same data) may change on resume"
+        )
 
 
 def _train(
@@ -465,15 +501,6 @@ def _train(
     ckpt = None
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
-        old = dict(ckpt["config"])
-        diff = sorted(k for k in set(old) | set(config.to_dict())
-                      if k not in RESUMABLE_CHANGES and old.get(k) != config.to_dict().get(k))
-        if diff:
-            details = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(config, k, None)!r}" for k in diff[:6])
-            raise CheckpointError(
-                f"cannot resume {str(last_path)!r}: the config differs in {details}; only "
-                f"{sorted(RESUMABLE_CHANGES)} may change on resume"
-            )
     elif resume:
         warnings.warn(f"resume: no checkpoint in {str(out)!r}; training from scratch", stacklevel=3)
     elif last_path.exists() and not overwrite:
@@ -487,6 +514,9 @@ def _train(
     rank, world = dist_.init_from_env()
     main_process = rank == 0
     sources = build_task_sources(config)
+    data_id = data_identity(sources)
+    if ckpt is not None:
+        _check_resumable(ckpt, config, data_id, last_path)
     _seed_all(step_seed(config.seed, "init"))
     model = build_model_for(config).to(device)
     model.train()
@@ -551,7 +581,8 @@ def _train(
     def snapshot(step: int) -> _Boundary:
         """The state at the end of ``step`` (what last.pt holds at that boundary)."""
         extra = {"best_score": best_score, "best_step": best_step,
-                 "monitor": [list(h) for h in monitor.history], "best": best, "log_rows": len(records)}
+                 "monitor": [list(h) for h in monitor.history], "best": best, "log_rows": len(records),
+                 "data": data_id}
         state = checkpoint_state(model=model, config=config, step=step, optimizer=optimizer, aux=aux,
                                  extra=extra)
         return _Boundary(state, len(records), saved=False)
@@ -653,7 +684,7 @@ def _train(
                         rec["best"] = score > best_score
                         if score > best_score:
                             best_score, best_step = score, step
-                            best = _best_payload(model, config, step, aux, val, score)
+                            best = _best_payload(model, config, step, aux, val, score, data_id)
                     rec["time"] = round(time.perf_counter() - t0, 3)
                     if main_process and (step % config.log_every == 0 or "val_score" in rec):
                         clean = _clean_json(rec)
@@ -693,5 +724,5 @@ def _train(
         return best_path
     if not best_path.exists():  # meta_steps == 0 or resumed after the end
         with guard.critical():
-            _write_best(_best_payload(model, config, start, aux, {}, best_score), best_path)
+            _write_best(_best_payload(model, config, start, aux, {}, best_score, data_id), best_path)
     return best_path

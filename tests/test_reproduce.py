@@ -178,3 +178,99 @@ def test_train_and_eval_commands_on_omniglot(tmp_path, capsys):
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["settings"]["n_tasks"] == 3 and not math.isnan(res["metrics"]["sa"]["mean"])
     assert code == 0
+
+
+# ---------------------------------------------------------------------------- issue 17: reuse keys
+def _folder_with(tmp_path: Path, name: str, zips: tuple[str, ...]) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    for z in zips:
+        (folder / z).symlink_to(OMNIGLOT / z)
+    return folder
+
+
+@needs_data
+def test_adding_an_archive_changes_the_split_and_retrains_never_scoring_on_training_alphabets(tmp_path):
+    """Defect 2: a finished run was reused after small2.zip joined small1.zip (test leakage)."""
+    folder = _folder_with(tmp_path, "data", ("images_background_small1.zip",))
+    settings = OmniglotReproduction.quick(methods=("maml",), ways=(5,), audit_tasks=0)
+    out = tmp_path / "out"
+    first = reproduce_omniglot(folder, out, settings=settings, progress=False)
+    (folder / "images_background_small2.zip").symlink_to(OMNIGLOT / "images_background_small2.zip")
+    second = reproduce_omniglot(folder, out, settings=settings, progress=False)
+    assert first["settings"]["splits"] != second["settings"]["splits"]
+    from robust_meta.train import load_checkpoint
+
+    ckpt = load_checkpoint(out / second["runs"][0]["checkpoint"])
+    trained = ckpt["extra"]["data"]["splits"]
+    assert trained == {k: second["settings"]["splits"][k] for k in ("train", "val", "test")}
+    assert not set(trained["train"]) & set(second["settings"]["splits"]["test"])
+
+
+@needs_data
+def test_a_result_of_an_older_evaluation_protocol_is_re_evaluated(tmp_path, monkeypatch):
+    """Defect 7: results carry the protocol version; another version is recomputed (not retrained)."""
+    import robust_meta.evaluation as ev
+
+    settings = OmniglotReproduction.quick(methods=("maml",), ways=(5,), audit_tasks=0)
+    out = tmp_path / "out"
+    monkeypatch.setattr(ev, "EVAL_PROTOCOL", ev.EVAL_PROTOCOL - 1)
+    old = reproduce_omniglot(OMNIGLOT, out, settings=settings, progress=False)
+    assert old["runs"][0]["protocol"] == ev.EVAL_PROTOCOL
+    best = out / old["runs"][0]["checkpoint"]
+    before = best.stat().st_mtime_ns
+    monkeypatch.undo()
+    new = reproduce_omniglot(OMNIGLOT, out, settings=settings, progress=False)
+    assert new["runs"][0]["protocol"] == ev.EVAL_PROTOCOL  # re-evaluated ...
+    assert best.stat().st_mtime_ns == before  # ... on the same, not retrained, model
+
+
+@needs_data
+def test_resume_through_another_path_to_the_same_data_and_never_onto_other_data(tmp_path):
+    """Defect 12 (and 2 for train): compare what the data is, not where it lies."""
+    from robust_meta.train import CheckpointError, TrainConfig, train
+
+    both = ("images_background_small1.zip", "images_background_small2.zip")
+    a, b = _folder_with(tmp_path, "a", both), _folder_with(tmp_path, "b", both)
+    other = _folder_with(tmp_path, "c", both[:1])
+    cfg = TrainConfig(method="maml", dataset="omniglot-5way", data_folder=str(a), queries=2, hidden=4,
+                      meta_steps=2, val_tasks=2, eval_every=2, first_order=True).resolved()
+    run = tmp_path / "run"
+    train(cfg, out_dir=run, progress=False)
+    train(cfg.replace(meta_steps=3, data_folder=str(b)), out_dir=run, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="data differ"):
+        train(cfg.replace(meta_steps=4, data_folder=str(other)), out_dir=run, resume=True, progress=False)
+
+
+@needs_data
+def test_eval_resume_is_keyed_by_the_data_not_its_path(tmp_path, capsys):
+    both = ("images_background_small1.zip", "images_background_small2.zip")
+    a, b = _folder_with(tmp_path, "a", both), _folder_with(tmp_path, "b", both)
+    other = _folder_with(tmp_path, "c", both[:1])
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "omniglot-5way", "--data-folder", str(a), "--out", str(run),
+                 "--method", "maml", "--meta-steps", "1", "--hidden", "4", "--queries", "2",
+                 "--val-tasks", "2", "--eval-every", "1", "--no-progress"]) == 0
+    ev = ["eval", str(run / "best.pt"), "--tasks", "2", "--attack-steps", "1", "--no-progress",
+          "--out", str(tmp_path / "e.json"), "--resume"]
+    assert main([*ev, "--data-folder", str(a)]) == 0
+    capsys.readouterr()
+    assert main([*ev, "--data-folder", str(b)]) == 0
+    assert "not redone" in capsys.readouterr().out
+    assert main([*ev, "--data-folder", str(other)]) == 2
+    assert "trained on other data" in capsys.readouterr().err
+    res = json.loads((tmp_path / "e.json").read_text())
+    req = res["settings"]["request"]
+    assert req["data"]["kind"] == "omniglot" and req["device"] == "cpu" and "protocol" in req
+
+
+@needs_data
+def test_the_audit_reuses_the_protocol_streams_and_is_in_results_and_table(quick_run):
+    _, out = quick_run
+    doc = json.loads((out / "results.json").read_text())
+    for r in doc["runs"]:
+        a = r["audit"]
+        assert a["n_tasks"] == OmniglotReproduction.quick().audit_tasks
+        assert 0 <= a["ra_worst"]["mean"] <= a["ra_protocol"]["mean"] + 1e-12
+        assert a["drop"]["mean"] >= 0 and a["strong_attack"].startswith("PGD-")
+    assert "Strong-attack audit" in (out / "table.md").read_text()

@@ -321,3 +321,21 @@ def test_strong_attack_takes_the_per_image_worst_case_over_its_runs():
         assert all(n_wrong >= int((bn(r).argmax(1) != y).sum()) for r in runs)
     assert StrongAttack().describe().startswith("PGD-50")
     assert math.isclose(StrongAttack(eps=8 / 255).retarget(None, 2 / 255).alpha, 0.5 / 255)
+
+
+def test_audit_reports_evaluate_s_own_protocol_values_and_flags_a_weak_attack():
+    model = small_gray_net()
+    tasks = gray_tasks(6)
+    kw = {k: v for k, v in EVAL.items() if k != "eps"}
+    ev = rm.evaluate(model, tasks, eps=8 / 255, **kw)
+    au = rm.audit(model, tasks, eps=8 / 255, strong=StrongAttack(steps=8, restarts=2), **kw)
+    assert au.protocol.values == ev.metrics["ra"].values  # the same streams as evaluate
+    assert au.sa.values == ev.metrics["sa"].values
+    assert all(w == min(p, s) for w, p, s in zip(au.worst.values, au.protocol.values, au.strong.values))
+    assert au.drop.mean >= 0 and au.to_dict()["n_tasks"] == 6 and "RA (PGD-3)" in au.summary()
+    weak = rm.PGDAttack(steps=1, alpha=0.01 / 255, random_start=None)  # barely moves: RA ~ SA
+    with pytest.warns(rm.AuditWarning, match="overstates"):
+        flagged = rm.audit(model, tasks, eps=32 / 255, attack=weak, strong=StrongAttack(steps=8, restarts=2), **kw)
+    assert flagged.flagged and flagged.warnings[0].startswith("audit:")
+    with pytest.raises(ValueError, match="eps > 0"):
+        rm.audit(model, tasks, eps=0.0)

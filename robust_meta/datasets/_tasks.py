@@ -56,6 +56,15 @@ class Task:
                     mv(self.unlabeled), self.classes)
 
 
+
+def _draw_device(generator: torch.Generator | None) -> torch.device:
+    """Where a draw from ``generator`` happens: its own device (never the default device).
+
+    Under ``torch.set_default_device("cuda")`` a ``randperm`` with a CPU generator and no
+    ``device=`` would run on CUDA and raise; the draws here always name the device.
+    """
+    return torch.device("cpu") if generator is None else generator.device
+
 def as_task(obj: object) -> Task:
     """A `Task` from a Task, a ``(sx, sy, qx, qy[, unlabeled])`` tuple or a dict."""
     if isinstance(obj, Task):
@@ -187,7 +196,7 @@ def split_classes(
                 "pass counts=(n_train, n_val, n_test)"
             )
     g = torch.Generator().manual_seed(int(seed))
-    order = [classes[i] for i in torch.randperm(n, generator=g).tolist()]
+    order = [classes[i] for i in torch.randperm(n, generator=g, device=g.device).tolist()]
     a, b, c = counts
     return ClassSplits(sorted(order[:a]), sorted(order[a : a + b]), sorted(order[a + b : a + b + c]))
 
@@ -300,7 +309,7 @@ class UnlabeledPool:
             # no keys, or no classes asked: uniform over the whole pool
             if n > len(self.images):
                 raise ValueError(f"cannot draw {n} images from a pool of {len(self.images)}")
-            pick = torch.randperm(len(self.images), generator=generator)[:n]
+            pick = torch.randperm(len(self.images), generator=generator, device=_draw_device(generator))[:n]
             return self.images[pick.to(self.images.device)]
         wanted = _as_class_list(classes)
         if not wanted:
@@ -318,7 +327,7 @@ class UnlabeledPool:
             idx = self._by_key[c]
             if k > len(idx):
                 raise ValueError(f"class {c} has {len(idx)} unlabeled images in the pool, {k} were asked for")
-            picks.append(idx[torch.randperm(len(idx), generator=generator)[:k].to(idx.device)])
+            picks.append(idx[torch.randperm(len(idx), generator=generator, device=_draw_device(generator))[:k].to(idx.device)])
         return self.images[torch.cat(picks)]
 
 
@@ -428,14 +437,14 @@ class TaskSampler:
     def _one(self) -> Task:
         g = self.generator
         device = self.images.device
-        order = torch.randperm(len(self.classes), generator=g)[: self.ways].tolist()
+        order = torch.randperm(len(self.classes), generator=g, device=g.device)[: self.ways].tolist()
         chosen = [self.classes[i] for i in order]
         k = self.shots + self.queries
         sup, qry, unl = [], [], []
         base, extra = divmod(self.unlabeled, self.ways)
         for rank, c in enumerate(chosen):
             idx = self._by_class[c]
-            perm = idx[torch.randperm(len(idx), generator=g).to(idx.device)]
+            perm = idx[torch.randperm(len(idx), generator=g, device=g.device).to(idx.device)]
             sup.append(perm[: self.shots])
             qry.append(perm[self.shots : k])
             if self.unlabeled and self.unlabeled_pool is None:

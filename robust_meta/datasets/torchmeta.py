@@ -231,10 +231,10 @@ def torchmeta_tasks(
     g = torch.Generator().manual_seed(int(seed))
     tasks = []
     for _ in range(n_tasks):
-        index = tuple(torch.randperm(n_classes, generator=g)[:ways].tolist())
-        task_seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        index = tuple(torch.randperm(n_classes, generator=g, device=g.device)[:ways].tolist())
+        task_seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(task_seed)
+            torch.default_generator.manual_seed(task_seed)  # the CPU's only: no CUDA device re-seeded
             episode = dataset[index]
             sx, sy, s_cls = _collate_torchmeta(episode["train"])
             qx, qy, _ = _collate_torchmeta(episode["test"])
