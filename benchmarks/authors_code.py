@@ -30,7 +30,12 @@ flatten, linear 800 → 5.
 images, K = 5 inner steps of 0.01, first order), timed **interleaved** with
 ``bench.time_round_robin`` (after ``--warmup`` untimed rounds, every rep runs each contender
 once, in a fixed order; median and min–max over ``--reps``; ratios taken per rep by
-``bench.per_rep_ratio``, median and min–max reported):
+``bench.per_rep_ratio``, median and min–max reported, plus the ratio of the minimum wall
+times). Each call's **process CPU time** (``time.process_time``, all threads) is recorded too,
+with its per-rep ratios: on a shared machine other processes stretch wall times (a
+2-thread step on 2 busy cores by 5–10×), CPU times much less. ``cpu_per_wall`` per call
+(≈ the threads in use when the process had the cores to itself) and the 1-minute load
+average after every round go into the JSON, to tell quiet rounds from contended ones.
 
 * ``authors``: ``Meta.forward(x_spt, y_spt, x_qry, y_qry)`` of their code, unchanged.
 * ``robust-meta eager``: the public API on `AuthorsConv4`, an ``nn.Module`` equal to their
@@ -117,6 +122,7 @@ import importlib
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -489,47 +495,68 @@ def run(args) -> dict:
 
     print(f"\ntiming {len(fns)} contenders interleaved: {args.warmup} warm-up round(s), {args.reps} reps ...",
           flush=True)
-    # the 1-minute load average after every round (warm-up rounds included): the machine may be shared
+    # Per call, besides the wall time that bench.time_round_robin takes: the process's CPU time
+    # (all threads; far less sensitive than wall time to other processes on a shared machine),
+    # and after every round the 1-minute load average.
     loads: list[float] = []
-    last = list(fns)[-1]
-    inner = fns[last]
+    cpu: dict[str, list[float]] = {n: [] for n in fns}
 
-    def last_and_load(inner=inner) -> object:
-        out = inner()
-        with contextlib.suppress(OSError):
-            loads.append(os.getloadavg()[0])
-        return out
+    def with_cpu(name: str, fn: Callable[[], object], last: bool) -> Callable[[], object]:
+        def call() -> object:
+            c0 = time.process_time()
+            out = fn()
+            cpu[name].append(time.process_time() - c0)
+            if last:
+                with contextlib.suppress(OSError):
+                    loads.append(os.getloadavg()[0])
+            return out
 
-    fns[last] = last_and_load
+        return call
+
+    names = list(fns)
+    fns = {n: with_cpu(n, f, n == names[-1]) for n, f in fns.items()}
     t0 = time.perf_counter()
     timing = bench.time_round_robin(fns, device, warmup=args.warmup, steps=args.reps)
     res["loadavg_1min_per_round"] = loads
     res["timing_wall_s"] = time.perf_counter() - t0
     res["uptime_after"] = uptime()
     res["times"] = timing
+    cpu_times = {n: {"times_s": c[args.warmup:], "median_s": statistics.median(c[args.warmup:]),
+                     "min_s": min(c[args.warmup:]), "max_s": max(c[args.warmup:])} for n, c in cpu.items()}
+    res["cpu_times"] = cpu_times
+    # cpu / wall per call: ~ the threads in use when the process had the cores to itself, less when not
+    res["cpu_per_wall"] = {n: [c / w for c, w in zip(cpu_times[n]["times_s"], timing[n]["times_s"])] for n in names}
     ratios: dict[str, dict] = {}
-    names = list(fns)
+    pairs = []
     for mname in models:
         suffix = "" if mname == "AuthorsConv4" else f" ({mname})"
         eager, fast = f"robust-meta eager{suffix}", f"robust-meta fast_paths{suffix}"
         if "authors" in fns:
-            ratios[f"authors / {eager}"] = bench.per_rep_ratio(timing["authors"], timing[eager])
-            ratios[f"authors / {fast}"] = bench.per_rep_ratio(timing["authors"], timing[fast])
-        ratios[f"{eager} / {fast}"] = bench.per_rep_ratio(timing[eager], timing[fast])
+            pairs += [("authors", eager), ("authors", fast)]
+        pairs.append((eager, fast))
+    for num, den in pairs:
+        key = f"{num} / {den}"
+        ratios[key] = {**bench.per_rep_ratio(timing[num], timing[den]),
+                       "ratio_of_min_wall": timing[num]["min_s"] / timing[den]["min_s"],
+                       "cpu_time": bench.per_rep_ratio(cpu_times[num], cpu_times[den])}
     res["ratios"] = ratios
 
     w = max(len(n) for n in names)
     print(f"\n{cfg.name}: 5-way {cfg.shots}-shot {cfg.queries}-query, {cfg.tasks} tasks, K={K_TRAIN}, FGSM-RS, "
-          f"first order; {args.reps} reps interleaved")
-    print(f"{'contender':<{w}}  {'median ms':>10}  {'min–max ms':>17}  {'GFLOP':>6}  conv1 fwd (images) / bwd (w, x)")
+          f"first order; {args.reps} reps interleaved; {torch.get_num_threads()} threads")
+    print(f"{'contender':<{w}}  {'wall median ms':>14}  {'min–max ms':>13}  {'CPU median ms':>13}  {'GFLOP':>6}  "
+          "conv1 fwd (images) / bwd (w, x)")
     for n in names:
-        t, p = timing[n], res["passes"][n]
-        print(f"{n:<{w}}  {1e3 * t['median_s']:10.0f}  {1e3 * t['min_s']:8.0f}–{1e3 * t['max_s']:<8.0f}  "
-              f"{res['flops'][n] / 1e9:6.1f}  {p['forward']} ({p['forward_images']}) / {p['backward']} "
-              f"({p['backward_weight_grad']}, {p['backward_input_grad']})")
-    print("\nratio (per rep)" + " " * (max(len(k) for k in ratios) - 13) + "median  [min–max]")
+        t, c, p = timing[n], cpu_times[n], res["passes"][n]
+        print(f"{n:<{w}}  {1e3 * t['median_s']:14.0f}  {1e3 * t['min_s']:6.0f}–{1e3 * t['max_s']:<6.0f}  "
+              f"{1e3 * c['median_s']:13.0f}  {res['flops'][n] / 1e9:6.1f}  {p['forward']} ({p['forward_images']}) / "
+              f"{p['backward']} ({p['backward_weight_grad']}, {p['backward_input_grad']})")
+    kw = max(len(k) for k in ratios)
+    print(f"\n{'ratio':<{kw + 2}}  wall per rep: median [min–max]  min/min  CPU per rep: median [min–max]")
     for k, r in ratios.items():
-        print(f"  {k:<{max(len(k) for k in ratios)}}  {r['median']:5.2f}×  [{r['min']:.2f}–{r['max']:.2f}]")
+        c = r["cpu_time"]
+        print(f"  {k:<{kw}}  {r['median']:5.2f}× [{r['min']:.2f}–{r['max']:.2f}]{'':>12}{r['ratio_of_min_wall']:5.2f}×"
+              f"  {c['median']:5.2f}× [{c['min']:.2f}–{c['max']:.2f}]")
     if loads:
         print(f"\n1-min load average over the rounds: {min(loads):.2f}–{max(loads):.2f}")
     print(f"{res['uptime_after']}", flush=True)

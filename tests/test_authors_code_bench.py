@@ -53,6 +53,10 @@ def test_robust_meta_side_tiny(tmp_path):
     for t in saved["times"].values():
         assert len(t["times_s"]) == 1 and t["median_s"] > 0
     assert set(saved["ratios"]) == {"robust-meta eager / robust-meta fast_paths"}
+    r = saved["ratios"]["robust-meta eager / robust-meta fast_paths"]
+    assert r["cpu_time"]["median"] > 0 and r["ratio_of_min_wall"] > 0
+    assert all(len(c["times_s"]) == 1 and c["median_s"] > 0 for c in saved["cpu_times"].values())
+    assert all(len(v) == 1 for v in saved["cpu_per_wall"].values())
     m = saved["machine"]
     assert m["cpu"] and m["torch"] == torch.__version__ and m["threads"] >= 1 and "loadavg" in m
     assert len(saved["loadavg_1min_per_round"]) == 2  # warm-up + 1 rep
