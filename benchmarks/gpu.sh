@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Run benchmarks/gpu.py, the GPU benchmark of robust-meta (issue 13, item 4).
+# On a GPU machine: first the GPU test suite (tests/test_gpu.py, `pytest -m gpu`, issue 20),
+# then benchmarks/gpu.py, the GPU benchmark of robust-meta (issue 13, item 4).
 #
 #   bash benchmarks/gpu.sh [--device cuda|cpu] [--tiny] [--out PATH] [--budget-s S] [--threads N]
+#
+# The tests run only with --device cuda (GPU_TESTS=0 skips them), within
+# ${GPU_TESTS_LIMIT_S:-150} s (the benchmark's hard limit shrinks by what they took, so that the
+# whole script fits one 600-s device call); their output goes to stderr and to ${GPU_TESTS_OUT:-the JSON's
+# folder/gpu-tests.txt}. A failing test does not stop the benchmark (the exit code says it).
 #
 # Uses ${VENV:-.venv}/bin/python (relative to the repository root) when it exists, else
 # python3. Defaults: --device cuda, --out benchmarks/results-gpu.json (with --tiny:
@@ -35,9 +41,26 @@ else
     py="python3"
 fi
 
+tests_rc=0
+if [[ "$device" == cuda* && "${GPU_TESTS:-1}" == 1 ]]; then
+    tests_out="${GPU_TESTS_OUT:-$(dirname "${out:-$repo/benchmarks/results-gpu.json}")/gpu-tests.txt}"
+    echo "+ $py -m pytest -q -m gpu tests/test_gpu.py  (-> $tests_out)" >&2
+    set +e
+    timeout --kill-after=10 "${GPU_TESTS_LIMIT_S:-150}" "$py" -m pytest -q -m gpu tests/test_gpu.py \
+        -p no:cacheprovider -rA 2>&1 | tee "$tests_out" >&2
+    tests_rc=${PIPESTATUS[0]}
+    set -e
+    echo "[gpu.sh] GPU tests exit code: $tests_rc" >&2
+fi
+
 cmd=("$py" benchmarks/gpu.py --device "$device" ${args[@]+"${args[@]}"})
 echo "+ ${cmd[*]}" >&2
+bench_rc=0
+hard_limit="${GPU_BENCH_HARD_LIMIT_S:-$(( 470 - SECONDS > 120 ? 470 - SECONDS : 120 ))}"
 if command -v timeout >/dev/null 2>&1; then
-    exec timeout --kill-after=10 "${GPU_BENCH_HARD_LIMIT_S:-470}" "${cmd[@]}"
+    timeout --kill-after=10 "$hard_limit" "${cmd[@]}" || bench_rc=$?
+else
+    "${cmd[@]}" || bench_rc=$?
 fi
-exec "${cmd[@]}"
+if [[ $bench_rc -ne 0 ]]; then exit "$bench_rc"; fi
+exit "$tests_rc"

@@ -11,7 +11,6 @@ resolved `robust_meta.train.TrainConfig` as a dict), ``model`` (its
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 from collections.abc import Mapping
@@ -95,6 +94,40 @@ def save_checkpoint(
     return atomic_save(state, path)
 
 
+def _on_cpu(obj: Any) -> Any:
+    """A copy of ``obj`` with every tensor copied to the CPU (one copy each, no GPU-side deep
+    copy first), so a checkpoint opens on a CPU-only machine with a plain ``torch.load``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
+def _device_copy(obj: Any) -> Any:
+    """A copy of ``obj`` whose tensors are clones on their own device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _device_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_device_copy(v) for v in obj)
+    return obj
+
+
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor that is not on the CPU moved there (CPU tensors are kept as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device.type == "cpu" else obj.detach().to("cpu")
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def checkpoint_state(
     *,
     model: nn.Module,
@@ -104,23 +137,28 @@ def checkpoint_state(
     aux: nn.Module | None = None,
     rng: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    on_device: bool = False,
 ) -> dict[str, Any]:
     """The dict `save_checkpoint` writes, as an in-memory snapshot (arguments as there).
 
-    Every tensor is a copy (model and aux on the CPU, optimizer state where it lives), so the
+    Every tensor is a copy on the CPU (model, aux and optimizer state; ``load_state_dict``
+    moves the optimizer state back to the parameters' device), so the
     snapshot stays valid while training goes on; ``torch.save`` it (`atomic_save`) to get
-    the file `save_checkpoint` would have written at this moment.
+    the file `save_checkpoint` would have written at this moment. With ``on_device`` the
+    copies stay where the tensors live (a GPU-side clone: no host transfer, no sync — the
+    per-step snapshot of `robust_meta.train`); `to_cpu` them before saving.
     """
     cfg = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
+    copy_ = _device_copy if on_device else _on_cpu
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "step": int(step),
         "config": cfg,
-        "model": _cpu_copy(model.state_dict()),
+        "model": copy_(model.state_dict()),
         "signature": _signature(model),
-        "optimizer": None if optimizer is None else copy.deepcopy(optimizer.state_dict()),
-        "aux": None if aux is None else _cpu_copy(aux.state_dict()),
+        "optimizer": None if optimizer is None else copy_(optimizer.state_dict()),
+        "aux": None if aux is None else copy_(aux.state_dict()),
         "rng": rng_state() if rng is None else dict(rng),
         "extra": dict(extra or {}),
     }

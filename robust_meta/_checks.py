@@ -53,11 +53,13 @@ def check_pixels(x: Tensor, name: str = "inputs") -> None:
         )
 
 
-def check_batch(inputs: Tensor, targets: Tensor | None, what: str = "inputs") -> None:
+def check_batch(inputs: Tensor, targets: Tensor | None, what: str = "inputs", *, finite: bool = True) -> None:
+    """Types and batch sizes (no device read); with ``finite`` also NaN/inf (one read each)."""
     check_tensor(inputs, what)
     if inputs.dim() == 0:
         raise ValueError(f"{what} must have a batch dimension, got a scalar")
-    check_finite(inputs, what)
+    if finite:
+        check_finite(inputs, what)
     if targets is None:
         return
     check_tensor(targets, "targets")
@@ -66,7 +68,69 @@ def check_batch(inputs: Tensor, targets: Tensor | None, what: str = "inputs") ->
             f"{what} and targets must have the same batch size, got {inputs.shape[0]} "
             f"and {tuple(targets.shape)[:1] or 'a scalar'}"
         )
-    check_finite(targets, "targets")
+    if finite:
+        check_finite(targets, "targets")
+
+
+class DeferredChecks:
+    """The value checks of a call (NaN/inf, pixel range, label range) read from the device once.
+
+    Each check queues small device tensors without reading them; `raise_if_bad` reads them all
+    with one host transfer and raises the first failure with the same message as the direct
+    checks (`check_finite`, `check_pixels`, `check_labels`). On a GPU that is one blocking read
+    instead of one per check, and it can come after the forward pass was launched.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[tuple[str, str, int, list[Tensor]]] = []
+
+    def finite(self, x: Tensor, name: str) -> None:
+        if x.is_floating_point():
+            self._items.append(("finite", name, 0, [torch.isfinite(x).all()]))
+
+    def pixels(self, x: Tensor, name: str = "inputs") -> None:
+        check_tensor(x, name)
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point image tensor, got dtype {x.dtype}")
+        if x.numel() == 0:
+            raise ValueError(f"{name} is empty")
+        lo, hi = torch.aminmax(x)
+        self._items.append(("pixels", name, 0, [lo, hi]))
+
+    def labels(self, logits: Tensor, targets: Tensor) -> None:
+        if targets.is_floating_point() or targets.dtype == torch.bool or logits.dim() != 2 or targets.numel() == 0:
+            return
+        lo, hi = torch.aminmax(targets)
+        self._items.append(("labels", "labels", logits.shape[1], [lo, hi]))
+
+    def raise_if_bad(self) -> None:
+        if not self._items:
+            return
+        flat = [t for *_, ts in self._items for t in ts]
+        dev = flat[0].device
+        values = torch.stack([t.detach().reshape(()).to(device=dev, dtype=torch.float64) for t in flat]).tolist()
+        self._items, items = [], self._items
+        i = 0
+        for kind, name, n, ts in items:
+            vals = values[i:i + len(ts)]
+            i += len(ts)
+            if kind == "finite" and not vals[0]:
+                raise ValueError(f"{name} contains NaN or infinite values")
+            if kind == "pixels":
+                lo, hi = vals
+                if not (math.isfinite(lo) and math.isfinite(hi)):
+                    raise ValueError(f"{name} contains NaN or infinite values")
+                if lo < 0 or hi > 1:
+                    raise ValueError(
+                        f"{name} must lie in [0, 1] (pixel space; put normalisation inside the model), "
+                        f"got values in [{lo:.4g}, {hi:.4g}]"
+                    )
+            if kind == "labels":
+                lo, hi = int(vals[0]), int(vals[1])
+                if lo < 0 or hi >= n:
+                    raise ValueError(
+                        f"labels must lie in [0, {n}) for a model with {n} outputs, got labels in [{lo}, {hi}]"
+                    )
 
 
 def check_labels(logits: Tensor, targets: Tensor) -> None:

@@ -30,7 +30,7 @@ from .adapt import LossFn, StepSize, adapt
 from .anil import ANILHead
 from .attacks import AttackLike, perturb
 from .data import Task
-from .params import Params, call_model, preserved_buffers, preserved_modes
+from .params import LOW_PRECISION, Params, call_model, preserved_buffers, preserved_modes
 from .regularizers import ATRegularizer
 
 __all__ = ["FINETUNE", "finetune"]
@@ -173,7 +173,12 @@ def _first_task_checks(
 
 
 def _prepare(raw: Task, device: torch.device, dtype: torch.dtype) -> Task:
+    """The task on the model's device, its images in the model's dtype — float32 for a
+    half-precision model (the network's input is cast in `call_model`, so the ε-ball and the
+    projection stay in float32)."""
     task = raw.to(device)
+    if dtype in LOW_PRECISION:
+        dtype = torch.float32
 
     def cast(t: Tensor | None) -> Tensor | None:
         if t is not None and t.is_floating_point() and t.dtype != dtype:

@@ -252,4 +252,9 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"unknown device {name!r}: {err}") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ValueError(f"device {name!r} requested but this process sees {n} CUDA device"
+                         f"{'s' if n != 1 else ''} (cuda:0{f'..cuda:{n - 1}' if n > 1 else ''}; "
+                         "CUDA_VISIBLE_DEVICES decides which)")
     return dev

@@ -79,7 +79,7 @@ OBJECTIVES = ("ce", "kl", "margin")
 
 def _eps_below(eps: float, like: Tensor) -> Tensor:
     """``eps`` in the dtype of ``like``, rounded *down* (never above the real ε)."""
-    e = torch.tensor(eps, dtype=torch.float64).to(like.dtype)
+    e = torch.tensor(eps, dtype=torch.float64, device="cpu").to(like.dtype)
     if float(e) > eps:
         e = torch.nextafter(e, torch.zeros_like(e))
     return e.to(like.device)

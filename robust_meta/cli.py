@@ -433,6 +433,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
     out = Path(args.out) if args.out else None
+    workers = _workers_arg(args.workers, args.device)
+    from .train import _device
+
+    if workers > 1 and _device(args.device).type != "cpu":
+        raise UsageError(
+            f"--workers {args.workers} runs CPU processes, but the model would go to "
+            f"{_device(args.device)}: on a GPU use one process (--workers 1), or add --device cpu "
+            "to evaluate on this machine's CPU cores"
+        )
     setup = _eval_setup(args.checkpoint, tasks=args.tasks, split=args.split, data_folder=args.data_folder,
                         device=args.device, seed=args.seed)
     request = _eval_request(args, attacks, data_id=setup[3], device=setup[4])
@@ -449,7 +458,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             args.checkpoint, tasks=args.tasks, split=args.split, attacks=attacks, eps=args.eps,
             steps=args.steps, step_size=args.step_size, attack_steps=args.attack_steps,
             finetune=args.finetune, data_folder=args.data_folder, device=args.device, seed=args.seed,
-            progress=args.progress, mode=args.mode, workers=_workers_arg(args.workers, args.device),
+            progress=args.progress, mode=args.mode, workers=workers,
             compile=args.compile, setup=setup,
         )
         result.settings["request"] = request

@@ -52,6 +52,8 @@ __all__ = [
     "init_from_env",
     "is_distributed",
     "is_main_process",
+    "rank_device",
+    "select_backend",
     "shard",
     "shard_bounds",
 ]
@@ -79,10 +81,55 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def select_backend(device: torch.device | str | None = None) -> str:
+    """The process-group backend for training on ``device``: NCCL for CUDA, gloo otherwise.
+
+    ``None`` (no device known): NCCL when CUDA is available, else gloo. A CPU run on a GPU
+    machine gets gloo: NCCL cannot broadcast CPU tensors.
+    """
+    if device is None:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def rank_device(device: torch.device | str, *, local_rank: int | None = None, world_size: int | None = None,
+                cuda_count: int | None = None) -> torch.device:
+    """The device of this rank: ``cuda`` becomes ``cuda:<LOCAL_RANK mod visible GPUs>`` under torchrun.
+
+    With one process (or a CPU device) ``device`` is returned as it is. With several ranks each
+    takes its own GPU: ``LOCAL_RANK`` modulo the GPUs this process sees (1 under launchers that
+    show each process one GPU, e.g. Slurm's ``--gpus-per-task=1``). An explicit index
+    (``cuda:1``) with several ranks would put every rank on that one GPU, which NCCL refuses:
+    it is an error.
+
+    Raises:
+        ValueError: an explicit CUDA index with more than one rank, or no visible GPU.
+    """
+    device = torch.device(device)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if device.type != "cuda" or world_size <= 1:
+        return device
+    if device.index is not None:
+        raise ValueError(
+            f"--device {device} under torchrun with {world_size} processes would put every rank on "
+            "that one GPU (NCCL refuses it): use --device cuda (or auto), and each rank takes "
+            "cuda:LOCAL_RANK; choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or 0)
+    if cuda_count is None:
+        cuda_count = torch.cuda.device_count()
+    if cuda_count < 1:
+        raise ValueError("a CUDA device was requested but this process sees no GPU")
+    return torch.device("cuda", local_rank % cuda_count)
+
+
 def init_from_env(
     *,
     backend: str | None = None,
     timeout_s: float = 600.0,
+    device: torch.device | str | None = None,
 ) -> tuple[int, int]:
     """Initialise the default process group from the ``torchrun`` environment variables.
 
@@ -91,12 +138,13 @@ def init_from_env(
     ``WORLD_SIZE=1`` nothing is initialised and ``(0, 1)`` is returned, so scripts run the
     same way with and without ``torchrun``. Calling it again once initialised is a no-op.
 
-    On CUDA machines the current device is set to ``LOCAL_RANK``.
+    With the NCCL backend the current CUDA device is set to this rank's (`rank_device`).
 
     Args:
-        backend: ``"gloo"``, ``"nccl"`` or ``None`` (``"nccl"`` when CUDA is available,
-            else ``"gloo"``).
+        backend: ``"gloo"``, ``"nccl"`` or ``None``: `select_backend` of ``device`` (NCCL for a
+            CUDA device, gloo for a CPU one, also on a GPU machine).
         timeout_s: collective timeout in seconds.
+        device: the device the ranks compute on (decides the default backend).
 
     Returns:
         ``(rank, world_size)``.
@@ -131,11 +179,11 @@ def init_from_env(
     if not dist.is_available():
         raise RuntimeError("this build of torch has no torch.distributed support")
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = select_backend(device)
     if backend not in ("gloo", "nccl", "mpi", "ucc"):
         raise ValueError(f"unknown backend {backend!r}; choose from gloo, nccl, mpi, ucc")
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(rank_device("cuda", local_rank=local_rank, world_size=world_size))
     dist.init_process_group(
         backend=backend,
         init_method="env://",
@@ -415,6 +463,12 @@ def evaluate_distributed(
     n = len(all_tasks)
     start, stop = shard_bounds(n)
     local = all_tasks[start:stop]
+    # One task a call (per-task seeds): decide compile="auto" on the whole local share, so
+    # that a long evaluation compiles as evaluate() would.
+    from .fast import _model_device, resolve_compile
+
+    kwargs["compile"] = resolve_compile(kwargs.get("compile", "auto"), _model_device(model), work=len(local),
+                                        min_work=_ev.AUTO_COMPILE_MIN_TASKS)
 
     rows: list[dict[str, float]] = []
     messages: list[str] = []

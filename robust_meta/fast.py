@@ -35,6 +35,7 @@ import itertools
 import os
 import shutil
 import sys
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -372,6 +373,9 @@ def _layout_accepted(model: nn.Module, x: Tensor, xl: Tensor, params: Mapping[st
 
 
 # ----------------------------------------------------------------------------- compile
+_FORWARD_IDS = itertools.count()
+
+
 def _compiled_forward(model: nn.Module) -> Callable:
     fn = _COMPILED.get(model)
     if fn is None:
@@ -380,9 +384,27 @@ def _compiled_forward(model: nn.Module) -> Callable:
         def forward(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
             return torch.func.functional_call(ref(), {**buffers, **params}, (x,), strict=False)
 
+        # One code object per model: dynamo caches graphs on the code object and stops
+        # compiling it after `recompile_limit` (8) variants, so a shared function would let
+        # every model of the process (all the ways of a reproduction) share those 8.
+        code = forward.__code__.replace(co_name=f"robust_meta_forward_{next(_FORWARD_IDS)}")
+        forward = types.FunctionType(code, forward.__globals__, code.co_name, None, forward.__closure__)
         fn = torch.compile(forward, dynamic=False)
         _COMPILED[model] = fn
     return fn
+
+
+def _not_a_compile_failure(exc: BaseException) -> bool:
+    """Errors that must reach the caller as they are, not be taken for a compile failure."""
+    from .params import _StopForward
+
+    chain = [exc, exc.__cause__, exc.__context__]
+    return any(isinstance(e, (_StopForward, torch.OutOfMemoryError)) for e in chain)
+
+
+def _recompile_limit_hit(exc: BaseException) -> bool:
+    fail = getattr(importlib.import_module("torch._dynamo.exc"), "FailOnRecompileLimitHit", ())
+    return isinstance(exc, fail) if fail else False
 
 
 def _fast_call(model: nn.Module, x: Tensor, params: Mapping[str, Tensor] | None) -> Tensor | None:
@@ -403,8 +425,13 @@ def _fast_call(model: nn.Module, x: Tensor, params: Mapping[str, Tensor] | None)
     # update them in place without a bump. So: clones in, values written back through .data.
     buffers = {k: b.clone() for k, b in own.items()}
     try:
-        out = _compiled_forward(model)(weights, buffers, x)
+        # Past dynamo's recompile limit a call would silently run eagerly: make it an error
+        # here, so that the fallback below says so.
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            out = _compiled_forward(model)(weights, buffers, x)
     except Exception as exc:  # a compile failure, or a real error that eager raises again
+        if _not_a_compile_failure(exc):  # call_features' stop signal, out of memory: not ours
+            raise
         err = exc
     else:
         with torch.no_grad():
@@ -415,9 +442,14 @@ def _fast_call(model: nn.Module, x: Tensor, params: Mapping[str, Tensor] | None)
     out = torch.func.functional_call(model, {**own, **weights}, (x,), strict=False)
     _BROKEN.add(model)
     first_line = str(err).splitlines()[0][:200] if str(err) else ""
+    if _recompile_limit_hit(err):
+        limit = torch._dynamo.config.recompile_limit
+        why = (f"it needed more than torch._dynamo.config.recompile_limit = {limit} graphs (input "
+               "shapes x modes x gradient needs); raise that limit to compile them all")
+    else:
+        why = f"{type(err).__name__}: {first_line}"
     warnings.warn(
-        f"torch.compile failed on {type(model).__name__} ({type(err).__name__}: {first_line}); "
-        "running it eagerly",
+        f"torch.compile failed on {type(model).__name__} ({why}); running it eagerly",
         CompileWarning,
         stacklevel=3,
     )

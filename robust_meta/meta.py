@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import fast as _fast
-from ._checks import check_batch, check_labels, check_pixels
+from ._checks import DeferredChecks, check_batch
 from .attacks import AttackLike, attack_eps
 from .params import call_model, named_params
 from .regularizers import ATRegularizer, RobustnessRegularizer
@@ -53,15 +53,17 @@ class MetaStepStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
-        return {
-            k: float(getattr(self, k))
-            for k in ("loss", "clean_loss", "robust_loss", "aux_loss", "clean_acc", "adv_acc")
-        }
+        """The six numbers as floats, read from the device in one transfer."""
+        keys = ("loss", "clean_loss", "robust_loss", "aux_loss", "clean_acc", "adv_acc")
+        dev = self.loss.device
+        vals = torch.stack([getattr(self, k).detach().reshape(()).to(device=dev, dtype=torch.float64)
+                            for k in keys]).tolist()
+        return dict(zip(keys, vals))
 
 
 def _accuracy(logits: Tensor, targets: Tensor) -> Tensor:
     if logits.dim() != 2 or targets.is_floating_point():
-        return torch.tensor(float("nan"))
+        return torch.full((), float("nan"), device=logits.device)
     return (logits.detach().argmax(1) == targets).float().mean()
 
 
@@ -152,7 +154,11 @@ class RobustMetaUpdate:
         self.aux = aux
         self.check_inputs = check_inputs
         self.compile = compile
-        self._fast = None if compile is None else _fast.resolve_compile(compile, _fast._model_device(model))
+        if compile is not None and compile is not True and compile is not False and compile != "auto":
+            raise ValueError(f"compile must be 'auto', True, False or None, got {compile!r}")
+        # Resolved at call time, on the device the inputs are on: building the loss before
+        # ``model.to("cuda")`` must not switch compilation off.
+        self._fast_by_device: dict[str, bool] = {}
         self.last: MetaStepStats | None = None
 
     def __repr__(self) -> str:
@@ -193,23 +199,31 @@ class RobustMetaUpdate:
         Shape:
             inputs: ``(B, C, H, W)``; targets: ``(B,)``; unlabeled: ``(U, C, H, W)``.
         """
-        if self._fast is None:
+        if self.compile is None:
             return self._call(inputs, targets, params, unlabeled, model)
-        with _fast._use_policy(self._fast, _fast._current_channels_last()):
+        dev = inputs.device if isinstance(inputs, torch.Tensor) else _fast._model_device(self.model)
+        on = self._fast_by_device.get(str(dev))
+        if on is None:
+            on = self._fast_by_device[str(dev)] = _fast.resolve_compile(self.compile, dev)
+        with _fast._use_policy(on, _fast._current_channels_last()):
             return self._call(inputs, targets, params, unlabeled, model)
 
     def _call(self, inputs: Tensor, targets: Tensor, params: Mapping[str, Tensor] | None,
               unlabeled: Tensor | None, model: nn.Module | None) -> Tensor:
         model = self.model if model is None else model
-        if self.check_inputs:
-            check_batch(inputs, targets)
-            if unlabeled is not None:
-                check_batch(unlabeled, None, "unlabeled")
         needs_attack = self.gamma_out > 0 or self.aux is not None
-        if self.check_inputs and needs_attack:
-            check_pixels(inputs)
+        checks = DeferredChecks() if self.check_inputs else None
+        if checks is not None:  # shapes and types now; values read once, after the clean forward
+            check_batch(inputs, targets, finite=False)
+            checks.finite(inputs, "inputs")
+            checks.finite(targets, "targets")
             if unlabeled is not None:
-                check_pixels(unlabeled, "unlabeled")
+                check_batch(unlabeled, None, "unlabeled", finite=False)
+                checks.finite(unlabeled, "unlabeled")
+            if needs_attack:
+                checks.pixels(inputs)
+                if unlabeled is not None:
+                    checks.pixels(unlabeled, "unlabeled")
         if self.is_aq and not isinstance(self.regularizer, ATRegularizer):
             # TRADES needs clean predictions with gradient, so AQ is AT-only.
             raise ValueError("gamma_out=inf (adversarial querying) needs the AT regularizer")
@@ -217,15 +231,16 @@ class RobustMetaUpdate:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.is_aq):
             # AQ: the clean pass only feeds the diagnostics.
             logits = call_model(model, inputs, params)
-            if self.check_inputs:
-                check_labels(logits, targets)
+            if checks is not None:
+                checks.labels(logits, targets)
+                checks.raise_if_bad()  # before the loss and the attack use bad values
             clean = self.loss_fn(logits, targets)
 
-        nan = torch.tensor(float("nan"))
+        nan = torch.full((), float("nan"), device=logits.device)
         if unlabeled is not None and self.gamma_out == 0:
             raise ValueError("unlabeled images are only used by a robust term (gamma_out > 0)")
         if not needs_attack:
-            self.last = MetaStepStats(clean.detach(), clean.detach(), nan, torch.zeros(()),
+            self.last = MetaStepStats(clean.detach(), clean.detach(), nan, torch.zeros((), device=logits.device),
                                       _accuracy(logits, targets), nan)
             return clean
 

@@ -32,6 +32,19 @@ def _positive_int(value: object, name: str) -> int:
     return int(value)
 
 
+
+class GlobalAvgPool(nn.Module):
+    """``(B, C, H, W) -> (B, C)``: the mean over the spatial positions.
+
+    Written as ``x.mean((2, 3))`` rather than ``AdaptiveAvgPool2d(1)`` + ``Flatten``: the same
+    numbers (up to float summation order), but a deterministic CUDA backward, so ResNets run
+    under ``torch.use_deterministic_algorithms(True)``. No parameters or buffers: checkpoints
+    are unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(2, 3))
+
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel, as a layer (so attacks see [0, 1] pixels).
 
@@ -282,7 +295,7 @@ class ResNet12(_Backbone):
         for w in widths:
             layers.append(_ResBlock12(cin, w, track_running_stats=track_running_stats))
             cin = w
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+        layers += [GlobalAvgPool()]
         self.features = nn.Sequential(*layers)
         self.feature_dim = widths[-1]
         self.classifier = nn.Linear(self.feature_dim, n_classes)
@@ -379,7 +392,7 @@ class ResNet18(_Backbone):
                 )
             )
             cin = cout
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+        layers += [GlobalAvgPool()]
         self.features = nn.Sequential(*layers)
         self.feature_dim = cin
         self.classifier = nn.Linear(self.feature_dim, n_classes)

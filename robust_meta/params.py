@@ -84,12 +84,32 @@ def _functional(model: nn.Module, method: str, params: Mapping[str, Tensor], arg
     return torch.func.functional_call(wrapper, prefixed, args, strict=False)
 
 
+#: Floating dtypes below float32: images stay float32 and are cast only at the network's input.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _network_input(model: nn.Module, x: Tensor, params: Mapping[str, Tensor] | None) -> Tensor:
+    """``x`` cast to a half-precision model's dtype (the only place images are cast)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dtype in LOW_PRECISION:
+        return x
+    first = next(iter(params.values()), None) if params is not None else next(model.parameters(), None)
+    if first is not None and first.dtype in LOW_PRECISION:
+        return x.to(first.dtype)
+    return x
+
+
 def call_model(model: nn.Module, x: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
     """``model(x)`` at the weights ``params`` (``None``: the model's own weights).
+
+    For a half-precision model (float16 / bfloat16 weights) float32 images are cast to its
+    dtype here, at the network's input only: the clean images, the perturbation and the
+    ε-ball projection stay in float32, so an attack's ε-ball holds exactly (in bf16 a pixel
+    near 1 can only move in steps of 1/256, so a projection done in bf16 overshoots ε).
 
     Shape:
         x: ``(B, ...)`` -> logits ``(B, C)``.
     """
+    x = _network_input(model, x, params)
     if is_meta_module(model):
         return model(x) if params is None else model(x, params=params)
     if _fast._active():

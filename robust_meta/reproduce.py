@@ -352,10 +352,29 @@ def _pool_job(args: tuple) -> dict[str, Any]:
     from ._train_data import omniglot_identity, omniglot_split_for
 
     folder, settings, method, ways, out, device = args
+    device = _worker_device(device)
     data = D.load_omniglot(folder, image_size=settings.image_size)
     splits = omniglot_split_for(data)
     return _run_one(data, splits, omniglot_identity(data, splits), settings, method, ways, Path(out),
                     folder, device, False, None)
+
+
+def _worker_device(device: str, index: int | None = None, cuda_count: int | None = None) -> str:
+    """The device of pool worker ``index`` (default: this process's): on CUDA, worker i takes
+    ``cuda:(i mod GPUs)`` instead of every worker sharing GPU 0; other devices as given."""
+    import multiprocessing as mp
+
+    import torch
+
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dev.type != "cuda" or dev.index is not None:
+        return device
+    if index is None:
+        identity = mp.current_process()._identity  # (1,), (2,), ... in a Pool; () in the parent
+        index = identity[0] - 1 if identity else 0
+    if cuda_count is None:
+        cuda_count = torch.cuda.device_count()
+    return f"cuda:{index % max(1, cuda_count)}"
 
 
 def _finished_record(out: Path, settings: OmniglotReproduction, method: str, ways: int, data_id: Any):

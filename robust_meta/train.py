@@ -68,6 +68,7 @@ from ._checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
+    to_cpu,
 )
 from ._io import atomic_save, remove_stale_temps
 from ._io import atomic_write_text as _atomic_write_text
@@ -363,13 +364,21 @@ def train(
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     config = config.resolved()
+    if _device(config.device).type == "cuda":
+        # Initialise CUDA now (running any seeding the caller queued), so that the caller's
+        # CUDA generators are saved below and restored after, even when training is the
+        # process's first CUDA user.
+        torch.cuda.init()
     caller_rng = _rng_state()
+    had_group = dist_.is_distributed()
     try:
         with SignalGuard() as guard:
             return _train(config, Path(out_dir), resume=resume, overwrite=overwrite, progress=progress,
                           callback=callback, guard=guard)
     finally:
         _set_rng_state(caller_rng)  # the caller's random streams are left as they were
+        if not had_group and dist_.is_distributed():  # a process group we created under torchrun
+            torch.distributed.destroy_process_group()
 
 
 # -- test-only fault injection -----------------------------------------------------------
@@ -436,7 +445,7 @@ class _Boundary:
 def _best_payload(model: nn.Module, config: TrainConfig, step: int, aux: nn.Module | None,
                   val: Mapping[str, Any], score: float, data: Any = None) -> dict[str, Any]:
     """The ``best.pt`` content for the model as it is now (copied); ``data``: `data_identity`."""
-    return checkpoint_state(model=model, config=config, step=step, aux=aux,
+    return checkpoint_state(model=model, config=config, step=step, aux=aux, on_device=True,
                             extra={"val": dict(val), "score": score, "select": config.select, "data": data})
 
 
@@ -450,7 +459,7 @@ def _write_best(best: Mapping[str, Any] | None, best_path: Path) -> None:
         if best_path.exists():
             best_path.unlink()
     else:
-        atomic_save(best, best_path)
+        atomic_save(to_cpu(best), best_path)
 
 
 def _check_resumable(ckpt: Mapping[str, Any], config: TrainConfig, data_id: Any, last_path: Path) -> None:
@@ -510,8 +519,10 @@ def _train(
         )
 
     # torchrun: tasks of each meta-batch are sharded across ranks and the meta-gradient is
-    # all-reduced; without torchrun this is one process (rank 0 of 1).
-    rank, world = dist_.init_from_env()
+    # all-reduced; without torchrun this is one process (rank 0 of 1). The backend follows the
+    # training device (gloo for a CPU run, also on a GPU machine); each rank takes its own GPU.
+    rank, world = dist_.init_from_env(device=device)
+    device = dist_.rank_device(device, world_size=world)
     main_process = rank == 0
     sources = build_task_sources(config)
     data_id = data_identity(sources)
@@ -583,8 +594,9 @@ def _train(
         extra = {"best_score": best_score, "best_step": best_step,
                  "monitor": [list(h) for h in monitor.history], "best": best, "log_rows": len(records),
                  "data": data_id}
+        # On the device (a clone, no host transfer): written to disk, on the CPU, at flush time.
         state = checkpoint_state(model=model, config=config, step=step, optimizer=optimizer, aux=aux,
-                                 extra=extra)
+                                 extra=extra, on_device=True)
         return _Boundary(state, len(records), saved=False)
 
     written_best: list[Any] = [best if ckpt is not None else None]
@@ -601,7 +613,7 @@ def _train(
             _write_best(b.best, best_path)
             written_best[0] = b.best
         fault("save", b.step)
-        atomic_save(b.state, last_path)
+        atomic_save(to_cpu(b.state), last_path)
         b.saved = True
 
     bar = None

@@ -49,8 +49,15 @@ class Task:
         return int(self.support_y.max()) + 1
 
     def to(self, device) -> Task:
+        """The task on ``device``. Copies from the CPU to a GPU are asynchronous (the GPU
+        stream orders them before any use); copies to the CPU are synchronous, so that CPU
+        code never reads a tensor whose copy has not finished."""
+        dev = torch.device(device)
+
         def mv(t):
-            return None if t is None else t.to(device, non_blocking=True)
+            if t is None:
+                return None
+            return t.to(dev, non_blocking=dev.type == "cuda" and t.device.type == "cpu")
 
         return Task(mv(self.support_x), mv(self.support_y), mv(self.query_x), mv(self.query_y),
                     mv(self.unlabeled), self.classes)
@@ -64,6 +71,7 @@ def _draw_device(generator: torch.Generator | None) -> torch.device:
     ``device=`` would run on CUDA and raise; the draws here always name the device.
     """
     return torch.device("cpu") if generator is None else generator.device
+
 
 def as_task(obj: object) -> Task:
     """A `Task` from a Task, a ``(sx, sy, qx, qy[, unlabeled])`` tuple or a dict."""
@@ -131,7 +139,7 @@ def _int_arg(value: object, name: str, *, minimum: int) -> int:
 def _labels_tensor(labels: object, name: str = "labels") -> Tensor:
     if not isinstance(labels, Tensor):
         try:
-            labels = torch.as_tensor(labels)
+            labels = torch.as_tensor(labels, device="cpu")  # a Python list: never the default device
         except (TypeError, ValueError, RuntimeError) as err:
             raise TypeError(f"{name} must be a 1-D tensor of integer class ids, got {type(labels).__name__}") from err
     if labels.dim() != 1:
@@ -455,7 +463,7 @@ class TaskSampler:
             rel.repeat_interleave(self.shots),
             self.images[torch.cat(qry).to(device)],
             rel.repeat_interleave(self.queries),
-            classes=torch.tensor(chosen, dtype=torch.long),
+            classes=torch.tensor(chosen, dtype=torch.long, device="cpu"),
         )
         if self.unlabeled:
             if self.unlabeled_pool is not None:

@@ -28,8 +28,8 @@ def load_digits() -> tuple[Tensor, Tensor]:
             "load_digits needs scikit-learn: pip install scikit-learn (or pip install 'robust-meta[demo]')"
         ) from err
     bunch = _sk_load_digits()
-    images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    images = torch.as_tensor(bunch.images, dtype=torch.float32, device="cpu").unsqueeze(1) / 16.0
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64, device="cpu")
     return images, labels
 
 

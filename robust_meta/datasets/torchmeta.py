@@ -180,7 +180,7 @@ def _collate_torchmeta(subset: Any) -> tuple[Tensor, Tensor, list[int]]:
         ys.append(int(y))
         part = bisect.bisect_right(concat.cumulative_sizes, int(subset.indices[j]))
         cls.append(int(concat.datasets[part].index))
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.long), cls
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long, device="cpu"), cls
 
 
 def torchmeta_tasks(
