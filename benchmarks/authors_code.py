@@ -35,7 +35,10 @@ times). Each call's **process CPU time** (``time.process_time``, all threads) is
 with its per-rep ratios: on a shared machine other processes stretch wall times (a
 2-thread step on 2 busy cores by 5–10×), CPU times much less. ``cpu_per_wall`` per call
 (≈ the threads in use when the process had the cores to itself) and the 1-minute load
-average after every round go into the JSON, to tell quiet rounds from contended ones.
+average after every round go into the JSON. With >= 2 threads a round counts as **quiet**
+when every contender ran at cpu/wall >= 0.9 × threads (all its threads on the cores); the
+per-rep ratios over the quiet rounds are reported as well (with 1 thread cpu/wall stays ~1
+under contention, so no round is singled out).
 
 * ``authors``: ``Meta.forward(x_spt, y_spt, x_qry, y_qry)`` of their code, unchanged.
 * ``robust-meta eager``: the public API on `AuthorsConv4`, an ``nn.Module`` equal to their
@@ -148,6 +151,7 @@ K_TRAIN = 5
 K_TEST = 10
 META_LR = 1e-3
 GAMMA_OUT = 0.2
+QUIET = 0.9  # a round is quiet when every contender's cpu/wall >= QUIET x threads
 GRAD_TOL = 1e-4  # max |theirs - ours| / max |grad| of the clean meta-gradient
 AUTHORS_MODULES = ("learner", "attack")  # what metafgsm.py imports from the checkout
 
@@ -526,6 +530,14 @@ def run(args) -> dict:
     res["cpu_times"] = cpu_times
     # cpu / wall per call: ~ the threads in use when the process had the cores to itself, less when not
     res["cpu_per_wall"] = {n: [c / w for c, w in zip(cpu_times[n]["times_s"], timing[n]["times_s"])] for n in names}
+    # Quiet rounds: every contender ran with cpu/wall >= 0.9 x threads, i.e. had all its threads on
+    # the cores (only meaningful with >= 2 threads: a contended 2-thread step drops to ~1).
+    threads = torch.get_num_threads()
+    quiet = ([i for i in range(args.reps) if min(res["cpu_per_wall"][n][i] for n in names) >= QUIET * threads]
+             if threads > 1 else [])
+    res["quiet_rounds"] = {"threshold_cpu_per_wall": QUIET * threads, "rounds": quiet,
+                           "times_median_s": {n: statistics.median([timing[n]["times_s"][i] for i in quiet])
+                                              for n in names} if quiet else {}}
     ratios: dict[str, dict] = {}
     pairs = []
     for mname in models:
@@ -539,6 +551,9 @@ def run(args) -> dict:
         ratios[key] = {**bench.per_rep_ratio(timing[num], timing[den]),
                        "ratio_of_min_wall": timing[num]["min_s"] / timing[den]["min_s"],
                        "cpu_time": bench.per_rep_ratio(cpu_times[num], cpu_times[den])}
+        if quiet:
+            sub = {n: {"times_s": [timing[n]["times_s"][i] for i in quiet]} for n in (num, den)}
+            ratios[key]["quiet_rounds"] = bench.per_rep_ratio(sub[num], sub[den])
     res["ratios"] = ratios
 
     w = max(len(n) for n in names)
@@ -551,12 +566,20 @@ def run(args) -> dict:
         print(f"{n:<{w}}  {1e3 * t['median_s']:14.0f}  {1e3 * t['min_s']:6.0f}–{1e3 * t['max_s']:<6.0f}  "
               f"{1e3 * c['median_s']:13.0f}  {res['flops'][n] / 1e9:6.1f}  {p['forward']} ({p['forward_images']}) / "
               f"{p['backward']} ({p['backward_weight_grad']}, {p['backward_input_grad']})")
+    if quiet:
+        print(f"quiet rounds (all contenders at cpu/wall >= {QUIET * threads:.1f}): {len(quiet)} of {args.reps}; "
+              "wall medians there: " + ", ".join(f"{n} {1e3 * t:.0f} ms"
+                                                 for n, t in res["quiet_rounds"]["times_median_s"].items()))
+    elif threads > 1:
+        print(f"quiet rounds (all contenders at cpu/wall >= {QUIET * threads:.1f}): none of {args.reps}")
     kw = max(len(k) for k in ratios)
     print(f"\n{'ratio':<{kw + 2}}  wall per rep: median [min–max]  min/min  CPU per rep: median [min–max]")
     for k, r in ratios.items():
         c = r["cpu_time"]
+        q = r.get("quiet_rounds")
         print(f"  {k:<{kw}}  {r['median']:5.2f}× [{r['min']:.2f}–{r['max']:.2f}]{'':>12}{r['ratio_of_min_wall']:5.2f}×"
-              f"  {c['median']:5.2f}× [{c['min']:.2f}–{c['max']:.2f}]")
+              f"  {c['median']:5.2f}× [{c['min']:.2f}–{c['max']:.2f}]"
+              + (f"  quiet: {q['median']:5.2f}× [{q['min']:.2f}–{q['max']:.2f}]" if q else ""))
     if loads:
         print(f"\n1-min load average over the rounds: {min(loads):.2f}–{max(loads):.2f}")
     print(f"{res['uptime_after']}", flush=True)

@@ -57,6 +57,7 @@ def test_robust_meta_side_tiny(tmp_path):
     assert r["cpu_time"]["median"] > 0 and r["ratio_of_min_wall"] > 0
     assert all(len(c["times_s"]) == 1 and c["median_s"] > 0 for c in saved["cpu_times"].values())
     assert all(len(v) == 1 for v in saved["cpu_per_wall"].values())
+    assert saved["quiet_rounds"]["rounds"] == []  # 1 thread: no round is singled out
     m = saved["machine"]
     assert m["cpu"] and m["torch"] == torch.__version__ and m["threads"] >= 1 and "loadavg" in m
     assert len(saved["loadavg_1min_per_round"]) == 2  # warm-up + 1 rep
