@@ -109,6 +109,11 @@ contender during the timed reps, their code included; ``fast_paths`` vs eager he
 measures channels_last alone. ``--mallopt off`` sets ``ROBUST_META_MALLOPT=0`` (no contender
 gets the tuning). A user's fresh process running their code has glibc's defaults.
 
+Results on a 2-core KVM Intel Xeon (family 6 model 207), shared with another engineer's test
+runs: ``results-authors-code-cpu.json`` (2 threads, the default), ``...-cpu-1thread.json``
+(1 thread, ``--rm-model both``), ``...-cpu-learner.json`` (2 threads, robust-meta on their
+Learner object).
+
 ``--tiny``: 48×48×3 images, 4 filters, 2 tasks, 3 queries per class, 1 rep — seconds, for
 tests; the numbers mean nothing. Without ``--authors-code`` only the robust-meta contenders
 run.
@@ -409,6 +414,24 @@ def robust_meta_source() -> dict:
     return out
 
 
+def cpu_details() -> dict:
+    """Family / model / stepping and the vector ISA flags of /proc/cpuinfo (a VM may hide the model name)."""
+    out: dict = {}
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as fh:
+            text = fh.read().split("\n\n")[0]
+        for key in ("vendor_id", "cpu family", "model", "stepping", "cache size"):
+            m = re.search(rf"^{key}\s*:\s*(.+)$", text, re.M)
+            if m:
+                out[key] = m.group(1).strip()
+        m = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+        if m:
+            flags = m.group(1).split()
+            out["isa"] = [f for f in flags if f.startswith(("avx", "amx", "fma"))]
+            out["hypervisor"] = "hypervisor" in flags
+    return out
+
+
 def uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
@@ -430,6 +453,7 @@ def run(args) -> dict:
                               "warmup": args.warmup, "mallopt": args.mallopt, "compile": args.compile,
                               "rm_model": args.rm_model}}
     res["machine"]["robust_meta"] = robust_meta.__version__
+    res["machine"]["cpu_details"] = cpu_details()
     res["robust_meta_source"] = robust_meta_source()
     if args.note:
         res["note"] = args.note
