@@ -147,6 +147,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench  # noqa: E402  (benchmarks/bench.py: Config, make_tasks, time_round_robin, ...)
+import research_baseline  # noqa: E402  (benchmarks/research_baseline.py: the authors' layout)
 
 import robust_meta  # noqa: E402
 
@@ -182,17 +183,7 @@ def authors_config(cfg: bench.Config) -> list[tuple[str, list]]:
 
     The layer names are interned string literals: their ``Learner`` compares them with ``is``.
     """
-    out: list[tuple[str, list]] = []
-    cin, size = cfg.in_channels, cfg.image_size
-    for block in range(4):
-        stride = 1 if block == 3 else 2
-        out += [("conv2d", [cfg.hidden, cin, 3, 3, 1, 0]), ("relu", [True]), ("bn", [cfg.hidden]),
-                ("max_pool2d", [2, stride, 0])]
-        size = (size - 2 - 2) // stride + 1
-        if size < 1:
-            raise ValueError(f"their Conv4 needs images larger than {cfg.image_size}x{cfg.image_size}")
-        cin = cfg.hidden
-    return out + [("flatten", []), ("linear", [cfg.ways, cfg.hidden * size * size])]
+    return research_baseline.authors_layout(cfg)
 
 
 class AuthorsConv4(nn.Module):

@@ -179,8 +179,12 @@ def conv4_layout(s: Setup) -> list[tuple[str, list]]:
     return cfg + [("flatten", []), ("linear", [s.ways, s.hidden * size * size])]
 
 
-def authors_layout(s: Setup) -> list[tuple[str, list]]:
-    """The authors' MiniImageNet layout: (conv pad 0, ReLU, BN, pool) x 4, last pool stride 1."""
+def authors_layout(s: bench.Config) -> list[tuple[str, list]]:
+    """The authors' MiniImageNet layout: (conv pad 0, ReLU, BN, pool) x 4, last pool stride 1.
+
+    Any `bench.Config` (``in_channels``, ``image_size``, ``hidden``, ``ways``); also used by
+    ``benchmarks/authors_code.py``.
+    """
     cfg: list[tuple[str, list]] = []
     cin, size = s.in_channels, s.image_size
     for block in range(4):
@@ -189,7 +193,7 @@ def authors_layout(s: Setup) -> list[tuple[str, list]]:
                 ("max_pool2d", [2, stride, 0])]
         size = (size - 2 - 2) // stride + 1
         if size < 1:
-            raise ValueError(f"--arch authors needs larger images than {s.image_size}x{s.image_size}")
+            raise ValueError(f"the authors' Conv4 needs images larger than {s.image_size}x{s.image_size}")
         cin = s.hidden
     return cfg + [("flatten", []), ("linear", [s.ways, s.hidden * size * size])]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,38 +94,31 @@ def save_checkpoint(
     return atomic_save(state, path)
 
 
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` (nested dicts, lists, tuples) with ``fn`` applied to every tensor in it."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
 def _on_cpu(obj: Any) -> Any:
     """A copy of ``obj`` with every tensor copied to the CPU (one copy each, no GPU-side deep
     copy first), so a checkpoint opens on a CPU-only machine with a plain ``torch.load``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _on_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_on_cpu(v) for v in obj)
-    return obj
+    return _map_tensors(obj, lambda t: t.detach().to("cpu", copy=True))
 
 
 def _device_copy(obj: Any) -> Any:
     """A copy of ``obj`` whose tensors are clones on their own device."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _device_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_device_copy(v) for v in obj)
-    return obj
+    return _map_tensors(obj, lambda t: t.detach().clone())
 
 
 def to_cpu(obj: Any) -> Any:
     """``obj`` with every tensor that is not on the CPU moved there (CPU tensors are kept as they are)."""
-    if isinstance(obj, torch.Tensor):
-        return obj if obj.device.type == "cpu" else obj.detach().to("cpu")
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
+    return _map_tensors(obj, lambda t: t if t.device.type == "cpu" else t.detach().to("cpu"))
 
 
 def checkpoint_state(

@@ -35,22 +35,31 @@ def check_finite(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
-def check_pixels(x: Tensor, name: str = "inputs") -> None:
-    """Images for an attack: floating point, finite, inside [0, 1]."""
+def _image_tensor(x: object, name: str) -> Tensor:
+    """The structural half of `check_pixels` (no device read): a non-empty float tensor."""
     check_tensor(x, name)
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point image tensor, got dtype {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty")
-    lo, hi = torch.aminmax(x)
-    lo, hi = float(lo), float(hi)
-    if math.isnan(lo) or math.isnan(hi) or math.isinf(lo) or math.isinf(hi):
+    return x
+
+
+def _pixel_range(lo: float, hi: float, name: str) -> None:
+    """The value half of `check_pixels`, on the read minimum and maximum."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or infinite values")
     if lo < 0 or hi > 1:
         raise ValueError(
             f"{name} must lie in [0, 1] (pixel space; put normalisation inside the model), "
             f"got values in [{lo:.4g}, {hi:.4g}]"
         )
+
+
+def check_pixels(x: Tensor, name: str = "inputs") -> None:
+    """Images for an attack: floating point, finite, inside [0, 1]."""
+    lo, hi = torch.aminmax(_image_tensor(x, name))
+    _pixel_range(float(lo), float(hi), name)
 
 
 def check_batch(inputs: Tensor, targets: Tensor | None, what: str = "inputs", *, finite: bool = True) -> None:
@@ -89,12 +98,7 @@ class DeferredChecks:
             self._items.append(("finite", name, 0, [torch.isfinite(x).all()]))
 
     def pixels(self, x: Tensor, name: str = "inputs") -> None:
-        check_tensor(x, name)
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point image tensor, got dtype {x.dtype}")
-        if x.numel() == 0:
-            raise ValueError(f"{name} is empty")
-        lo, hi = torch.aminmax(x)
+        lo, hi = torch.aminmax(_image_tensor(x, name))
         self._items.append(("pixels", name, 0, [lo, hi]))
 
     def labels(self, logits: Tensor, targets: Tensor) -> None:
@@ -117,14 +121,7 @@ class DeferredChecks:
             if kind == "finite" and not vals[0]:
                 raise ValueError(f"{name} contains NaN or infinite values")
             if kind == "pixels":
-                lo, hi = vals
-                if not (math.isfinite(lo) and math.isfinite(hi)):
-                    raise ValueError(f"{name} contains NaN or infinite values")
-                if lo < 0 or hi > 1:
-                    raise ValueError(
-                        f"{name} must lie in [0, 1] (pixel space; put normalisation inside the model), "
-                        f"got values in [{lo:.4g}, {hi:.4g}]"
-                    )
+                _pixel_range(vals[0], vals[1], name)
             if kind == "labels":
                 lo, hi = int(vals[0]), int(vals[1])
                 if lo < 0 or hi >= n:
