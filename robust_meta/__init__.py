@@ -53,6 +53,7 @@ from .fast import (
     tune_malloc,
 )
 from .meta import MetaStepStats, RobustMetaUpdate
+from .metric import ProtoNetHead, R2D2Head
 from .models import Conv4, ResNet12, ResNet18, build_model
 from .params import ModelAt, call_features, call_head, call_model, named_params
 from .regularizers import ATRegularizer, RobustnessRegularizer, TradesRegularizer, trades_kl
@@ -78,6 +79,8 @@ __all__ = [
     "OmniglotDataset",
     "OmniglotSplits",
     "PGDAttack",
+    "ProtoNetHead",
+    "R2D2Head",
     "ResNet12",
     "ResNet18",
     "RobustMetaUpdate",

@@ -1,0 +1,181 @@
+"""ProtoNet and R2-D2 heads (issue 18, items 1-2): hand-derived and float64 second implementations."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import robust_meta as rm
+from robust_meta.metric import ProtoNetHead, R2D2Head, class_means
+from robust_meta.params import call_model
+
+
+class Embed(nn.Module):
+    """A small body with a linear classifier, forward_features/forward_head like robust-meta's models."""
+
+    def __init__(self, d: int = 6, ways: int = 3, bn: bool = False):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, d), *( [nn.BatchNorm1d(d)] if bn else []), nn.Tanh())
+        self.classifier = nn.Linear(d, ways)
+
+    def forward_features(self, x):
+        return self.body(x)
+
+    def forward_head(self, f):
+        return self.classifier(f)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def task(ways=3, shots=2, queries=4, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    sx = torch.rand(ways * shots, 1, 4, 4, generator=g, dtype=dtype)
+    qx = torch.rand(ways * queries, 1, 4, 4, generator=g, dtype=dtype)
+    return sx, torch.arange(ways).repeat(shots), qx, torch.arange(ways).repeat(queries)
+
+
+def model64(**kw):
+    torch.manual_seed(0)
+    return Embed(**kw).double()
+
+
+# ----------------------------------------------------------------------------- ProtoNet
+def test_prototype_logits_are_negative_squared_distances_up_to_a_per_query_constant():
+    model = model64()
+    sx, sy, qx, qy = task()
+    params = ProtoNetHead(model).adapt(sx, sy)
+    logits = call_model(model, qx, params)
+    fs, fq = model.forward_features(sx), model.forward_features(qx)
+    protos = torch.stack([fs[sy == k].mean(0) for k in range(3)])  # by hand, class by class
+    neg_d2 = -((fq[:, None, :] - protos[None]) ** 2).sum(-1)
+    # logits = -||f - c||^2 + ||f||^2: the same softmax
+    torch.testing.assert_close(logits, neg_d2 + (fq * fq).sum(1, keepdim=True), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(F.softmax(logits, 1), F.softmax(neg_d2, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(class_means(fs, sy, 3), protos)
+
+
+def test_the_meta_gradient_flows_through_the_prototypes_into_the_body():
+    model = model64()
+    sx, sy, qx, qy = task()
+    params = ProtoNetHead(model).adapt(sx, sy)
+    loss = F.cross_entropy(call_model(model, qx, params), qy)
+    body = [p for n, p in model.named_parameters() if n.startswith("body")]
+    got = torch.autograd.grad(loss, body)
+    # second implementation: the distances written out
+    fs, fq = model.forward_features(sx), model.forward_features(qx)
+    protos = torch.stack([fs[sy == k].mean(0) for k in range(3)])
+    ref_loss = F.cross_entropy(-torch.cdist(fq, protos) ** 2, qy)
+    want = torch.autograd.grad(ref_loss, body)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    # the linear head's own weights are not used
+    assert torch.autograd.grad(loss, model.classifier.weight, allow_unused=True)[0] is None
+
+
+def test_robust_protonet_at_gamma_zero_is_the_clean_loss_and_attacks_see_constants():
+    model = model64()
+    sx, sy, qx, qy = task()
+    proto = ProtoNetHead(model)
+    params = proto.adapt(sx, sy)
+    clean = F.cross_entropy(call_model(model, qx, params), qy)
+    zero = rm.RobustMetaUpdate(F.cross_entropy, model, attack="fgsm", eps=0.1, gamma_out=0)(qx, qy, params=params)
+    assert torch.equal(zero, clean)
+    robust = rm.RobustMetaUpdate(F.cross_entropy, model, attack="pgd", eps=0.1, gamma_out=1.0, attack_steps=3)
+    total = robust(qx, qy, params=params)
+    adv = rm.perturb("pgd", model, qx, qy, params=params, eps=0.1, steps=3)
+    assert not adv.requires_grad and float((adv - qx).abs().max()) <= 0.1
+    body = [p for n, p in model.named_parameters() if n.startswith("body")]
+    assert all(g is not None and torch.isfinite(g).all() for g in torch.autograd.grad(total, body))
+
+
+def test_fewer_ways_than_outputs_leave_the_extra_classes_out_of_the_softmax():
+    model = model64(ways=5)
+    sx, sy, qx, qy = task(ways=3)
+    params = ProtoNetHead(model).adapt(sx, sy)
+    probs = F.softmax(call_model(model, qx, params), 1)
+    assert float(probs[:, 3:].detach().max()) == 0.0
+    small = model64(ways=3)
+    small.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("classifier")}, strict=False)
+    torch.testing.assert_close(probs[:, :3], F.softmax(call_model(small, qx, ProtoNetHead(small).adapt(sx, sy)), 1))
+
+
+def test_cosine_prototypes_use_a_learnable_temperature():
+    model = model64()
+    sx, sy, qx, qy = task()
+    proto = ProtoNetHead(model, distance="cosine", temperature=5.0)
+    params = proto.adapt(sx, sy)
+    fq = model.forward_features(qx)
+    protos = class_means(model.forward_features(sx), sy, 3)
+    torch.testing.assert_close(call_model(model, qx, params), 5.0 * fq @ F.normalize(protos, dim=1).t())
+    loss = F.cross_entropy(call_model(model, qx, params), qy)
+    (g,) = torch.autograd.grad(loss, proto.temperature)
+    assert proto.parameters() == [proto.temperature] and torch.isfinite(g)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: ProtoNetHead(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), head="classifier"), "no submodule"),
+    (lambda: ProtoNetHead(model64(), distance="manhattan"), "distance"),
+])
+def test_bad_heads_are_clear_errors(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        bad()
+
+
+def test_support_labels_must_cover_the_ways_and_fit_the_classifier():
+    model = model64()
+    sx, sy, qx, qy = task()
+    proto = ProtoNetHead(model)
+    with pytest.raises(ValueError, match=r"classes \[1\] have no support"):
+        proto.adapt(sx, torch.where(sy == 1, torch.zeros_like(sy), sy))
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        proto.adapt(sx, sy + 1)
+
+
+# ----------------------------------------------------------------------------- R2-D2
+@pytest.mark.parametrize("d, shots", [(6, 1), (6, 4)], ids=["woodbury-n<D", "primal-n>D"])
+def test_ridge_closed_form_equals_a_direct_solve(d, shots):
+    model = model64(d=d)
+    sx, sy, qx, qy = task(shots=shots)
+    head = R2D2Head(model, lam=0.7, scale=2.0, bias=0.3).double()
+    x = model.forward_features(sx)
+    y = F.one_hot(sy, 3).double()
+    direct = torch.linalg.solve(x.t() @ x + 0.7 * torch.eye(d, dtype=torch.float64), x.t() @ y)
+    torch.testing.assert_close(head.ridge(x, sy, 3), direct, rtol=1e-10, atol=1e-12)
+    params = head.adapt(sx, sy)
+    fq = model.forward_features(qx)
+    torch.testing.assert_close(call_model(model, qx, params), 2.0 * fq @ direct + 0.3, rtol=1e-10, atol=1e-12)
+
+
+def test_r2d2_meta_gradients_match_a_second_implementation():
+    model = model64(d=6)
+    sx, sy, qx, qy = task(shots=1)
+    head = R2D2Head(model, lam=0.5, scale=1.5, bias=0.1).double()
+    loss = F.cross_entropy(call_model(model, qx, head.adapt(sx, sy)), qy)
+    wrt = [*[p for n, p in model.named_parameters() if n.startswith("body")], head.log_lam, head.scale, head.bias]
+    got = torch.autograd.grad(loss, wrt)
+    # second implementation: the primal inverse, written out
+    x, fq = model.forward_features(sx), model.forward_features(qx)
+    lam = head.log_lam.exp()
+    w = torch.inverse(x.t() @ x + lam * torch.eye(6, dtype=torch.float64)) @ x.t() @ F.one_hot(sy, 3).double()
+    ref = F.cross_entropy(head.scale * fq @ w + head.bias, qy)
+    want = torch.autograd.grad(ref, wrt)
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g, w_, rtol=1e-8, atol=1e-10)
+    assert sorted(n for n, _ in head.named_parameters()) == ["bias", "log_lam", "scale"]  # not the model's
+
+
+def test_r2d2_refuses_a_non_positive_regulariser():
+    with pytest.raises(ValueError, match="lam"):
+        R2D2Head(model64(), lam=0.0)
+
+
+def test_metric_heads_work_with_robust_meta_models_and_evaluate():
+    torch.manual_seed(0)
+    model = rm.Conv4(1, 3, hidden=4, image_size=8)
+    g = torch.Generator().manual_seed(0)
+    tasks = [rm.Task(torch.rand(3, 1, 8, 8, generator=g), torch.arange(3), torch.rand(6, 1, 8, 8, generator=g),
+                     torch.arange(3).repeat(2)) for _ in range(2)]
+    for head in (ProtoNetHead(model), R2D2Head(model)):
+        params = head.adapt(tasks[0].support_x, tasks[0].support_y)
+        assert call_model(model, tasks[0].query_x, params).shape == (6, 3)
