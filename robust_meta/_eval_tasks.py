@@ -55,6 +55,7 @@ def finetune(
     attack_step_size: float | None = None,
     anil: ANILHead | None = None,
     loss_fn: LossFn | None = None,
+    learner: Any = None,
 ) -> Params:
     r"""Meta-test fine-tuning of ``model`` on a support set; returns the fast weights.
 
@@ -77,6 +78,8 @@ def finetune(
         attack, eps, attack_steps, attack_step_size: the A-FT attack (``eps`` required).
         gamma: weight of the adversarial term (> 0; ``inf`` for adversarial loss only).
         anil: an `robust_meta.ANILHead` of ``model`` to fine-tune the head only.
+        learner: a metric head of ``model`` (`robust_meta.ProtoNetHead`, `robust_meta.R2D2Head`):
+            its weights come from the support set in closed form (``steps`` are not used).
 
     Returns:
         ``dict[str, Tensor]`` of all parameters.
@@ -90,6 +93,10 @@ def finetune(
     """
     if mode not in FINETUNE:
         raise ValueError(f"unknown finetune mode {mode!r}; choose from {', '.join(FINETUNE)}")
+    if learner is not None:  # a metric head: the support set gives the weights in closed form
+        if mode != "standard":
+            raise ValueError(f"{learner!r} has no fine-tuning steps: adversarial fine-tuning needs a gradient learner")
+        return learner.adapt(inputs, targets)
     if anil is not None and anil.model is not model:
         raise ValueError("anil must be an ANILHead built on the model being evaluated")
     if mode == "standard":
@@ -205,6 +212,7 @@ class _EvalJob:
     attack_step_size: float | None
     anil: ANILHead | None
     loss_fn: LossFn | None
+    learner: Any
     table: list[tuple[str, AttackLike]]
     eps_list: list[float]
     mode: bool | None  # None: every submodule keeps its own mode
@@ -231,6 +239,7 @@ def _eval_task(model: nn.Module, job: _EvalJob, index: int, raw: Any, task_seed:
                 first_order=job.first_order, mode=job.finetune, attack=job.finetune_attack,
                 eps=job.finetune_eps, gamma=job.finetune_gamma, attack_steps=job.attack_steps,
                 attack_step_size=job.attack_step_size, anil=job.anil, loss_fn=job.loss_fn,
+                learner=job.learner,
             )
             clean = call_model(model, task.query_x, fast)
         row["sa"] = _accuracy(clean, task.query_y)

@@ -43,6 +43,10 @@ class TrainConfig:
     Attributes:
         method: ``maml``, ``rmaml-out``, ``rmaml-out-trades``, ``rmaml-both``, ``aq``,
             ``anil``, ``cl`` or ``trades-unlabeled``.
+        learner: how a task's support set becomes the query's weights: ``"maml"`` (gradient
+            steps, default), ``"protonet"`` (prototypes, `robust_meta.ProtoNetHead`) or
+            ``"r2d2"`` (ridge regression, `robust_meta.R2D2Head`). The robust methods apply
+            to any of them (``method="rmaml-out", learner="protonet"`` is R-ProtoNet_out).
         dataset: ``digits``, ``omniglot``, ``miniimagenet``, ``cifar-fs``, ``fc100`` or
             ``tensor:PATH`` (a ``torch.save``'d ``(images, labels)``).
         data_folder: root folder of a torchmeta dataset.
@@ -77,6 +81,7 @@ class TrainConfig:
     """
 
     method: str = "rmaml-out"
+    learner: str = "maml"
     dataset: str = "digits"
     data_folder: str | None = None
     ways: int | None = None
@@ -170,6 +175,7 @@ class TrainConfig:
         if not c.dataset.lower().startswith("tensor:"):
             c.dataset = c.dataset.lower()
         c.attack = str(c.attack).lower()
+        c.learner = str(c.learner).lower()
         c.model = str(c.model).lower()
         c.select = str(c.select).lower()
         c.validate()
@@ -222,7 +228,16 @@ class TrainConfig:
             raise ValueError(f"unknown selection criterion {self.select!r}; choose from {', '.join(SELECT)}")
         if self.model not in ("conv4", "resnet12", "resnet18"):
             raise ValueError(f"unknown model {self.model!r}; choose from conv4, resnet12, resnet18")
+        from .metric import LEARNERS
+
+        if self.learner not in LEARNERS:
+            raise ValueError(f"unknown learner {self.learner!r}; choose from {', '.join(LEARNERS)}")
         m = method_preset(self.method)
+        if self.learner != "maml" and (m.anil or self.gamma_in):
+            raise ValueError(
+                f"learner {self.learner!r} computes its head in closed form: it has no inner steps, "
+                "so neither method 'anil' nor gamma_in > 0 applies to it"
+            )
         if m.anil and self.gamma_in:
             raise ValueError("method 'anil' fine-tunes the head only; gamma_in > 0 is not supported with it")
         if self.gamma_in and m.regularizer == "none":

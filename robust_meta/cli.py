@@ -249,10 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step-size", type=_number_arg, default=None, help="fine-tuning step (default: inner_lr)")
     e.add_argument("--attack-steps", type=int, default=10, help="PGD iterations (default 10)")
     e.add_argument("--finetune", choices=("standard", "adversarial"), default="standard")
-    e.add_argument("--mode", choices=("train", "eval"), default="train",
+    e.add_argument("--mode", choices=("train", "eval"), default=None,
                    help="network mode for fine-tuning, attack and scoring: train (batch statistics, "
-                        "the MAML convention; default) or eval (running statistics; needed by apgd "
-                        "and autoattack, which attack a subset of the batch)")
+                        "the MAML convention; the default for MAML learners) or eval (running "
+                        "statistics; the default for protonet and r2d2, as their papers; needed by "
+                        "apgd and autoattack, which attack a subset of the batch)")
     e.add_argument("--data-folder", default=None, help="override the dataset folder stored in the checkpoint")
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0)
@@ -445,6 +446,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     setup = _eval_setup(args.checkpoint, tasks=args.tasks, split=args.split, data_folder=args.data_folder,
                         device=args.device, seed=args.seed)
     request = _eval_request(args, attacks, data_id=setup[3], device=setup[4])
+    if args.mode is None:  # what the checkpoint's learner implies, so that --resume compares it
+        request["mode"] = "train" if setup[5] is None else "eval"
     if out is not None and args.resume:
         done = _finished_eval(out, request)
         if done is not None:

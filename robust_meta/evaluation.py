@@ -204,6 +204,7 @@ def evaluate(
     finetune_eps: float | None = None,
     finetune_gamma: float = 1.0,
     anil: ANILHead | str | None = None,
+    learner: Any = None,
     attacks: AttackLike | Sequence[AttackLike] | Mapping[str, AttackLike] = ("pgd",),
     attack_steps: int = 10,
     attack_step_size: float | None = None,
@@ -248,6 +249,10 @@ def evaluate(
             (``math.inf``: adversarial loss only, AQ-style). See `finetune`.
         anil: an `robust_meta.ANILHead` of ``model`` (or the head's module name) to
             fine-tune the classifier head only.
+        learner: a metric learner of ``model`` — `robust_meta.ProtoNetHead`,
+            `robust_meta.R2D2Head` or its name ``"protonet"``/``"r2d2"`` — whose head weights
+            come from the support set in closed form instead of fine-tuning steps. Their
+            papers evaluate with running batch-norm statistics: pass ``train_mode=False``.
         attacks: attack(s) to evaluate: names from `robust_meta.ATTACKS`,
             torchattacks classes or instances, a sequence of them, or a dict
             ``label -> attack``. ``"pgd"`` is PGD-``attack_steps`` with random start.
@@ -319,12 +324,13 @@ def evaluate(
         >>> res.metrics["ra[pgd@2/255]"].mean
     """
     anil = _anil_head(model, anil)
+    learner = _learner(model, learner, anil, finetune)
     eps_list = _eps_list(eps)
     table = _attack_table(attacks)
     job = _build_job(
         model, eps_list, table, steps=steps, step_size=step_size, first_order=first_order,
         finetune=finetune, finetune_attack=finetune_attack, finetune_eps=finetune_eps,
-        finetune_gamma=finetune_gamma, anil=anil, attack_steps=attack_steps,
+        finetune_gamma=finetune_gamma, anil=anil, learner=learner, attack_steps=attack_steps,
         attack_step_size=attack_step_size, loss_fn=loss_fn, train_mode=train_mode, checks=checks,
         compile=compile, channels_last=channels_last, workers=workers,
         known=_known_tasks(tasks, max_tasks),
@@ -358,6 +364,28 @@ def _anil_head(model: nn.Module, anil: ANILHead | str | None) -> ANILHead | None
     return anil
 
 
+def _learner(model: nn.Module, learner: Any, anil: ANILHead | None, finetune: str) -> Any:
+    """A metric head (or ``None``), built from its name if need be, checked against the options."""
+    if learner is None:
+        return None
+    if isinstance(learner, str):
+        from .metric import build_learner
+
+        learner = build_learner(learner, model)
+        if learner is None:  # "maml": gradient steps, the default
+            return None
+    if not callable(getattr(learner, "adapt", None)):
+        raise TypeError(f"learner must be a metric head with .adapt (ProtoNetHead, R2D2Head) or its name, "
+                        f"got {type(learner).__name__}")
+    if getattr(learner, "model", model) is not model:
+        raise ValueError("learner must be built on the model being evaluated")
+    if anil is not None:
+        raise ValueError("pass anil or learner, not both: each decides how the support set becomes weights")
+    if finetune != "standard":
+        raise ValueError(f"{learner!r} has no fine-tuning steps: finetune='adversarial' needs a gradient learner")
+    return learner
+
+
 def _known_tasks(tasks: Any, max_tasks: int | None) -> int | None:
     """How many tasks are known to be coming (``None``: a stream of unknown length)."""
     if max_tasks is not None:
@@ -373,7 +401,7 @@ def _known_tasks(tasks: Any, max_tasks: int | None) -> int | None:
 def _build_job(
     model: nn.Module, eps_list: list[float], table: list[tuple[str, AttackLike]], *, steps: int,
     step_size: StepSize, first_order: bool, finetune: str, finetune_attack: AttackLike,
-    finetune_eps: float | None, finetune_gamma: float, anil: ANILHead | None, attack_steps: int,
+    finetune_eps: float | None, finetune_gamma: float, anil: ANILHead | None, learner: Any, attack_steps: int,
     attack_step_size: float | None, loss_fn: LossFn | None, train_mode: bool | None, checks: bool,
     compile: bool | str, channels_last: bool | str, workers: int, known: int | None,
 ) -> _EvalJob:
@@ -406,7 +434,7 @@ def _build_job(
         steps=steps, step_size=step_size, first_order=first_order, finetune=finetune,
         finetune_attack=finetune_attack, finetune_eps=finetune_eps, finetune_gamma=finetune_gamma,
         attack_steps=attack_steps, attack_step_size=attack_step_size, anil=anil, loss_fn=loss_fn,
-        table=table, eps_list=eps_list, mode=None if train_mode is None else bool(train_mode),
+        learner=learner, table=table, eps_list=eps_list, mode=None if train_mode is None else bool(train_mode),
         checks=checks,
         compile=resolve_compile(compile, device, work=per_process, min_work=AUTO_COMPILE_MIN_TASKS),
         channels_last=channels_last, device=device, dtype=dtype,
@@ -519,6 +547,7 @@ def _settings(model: nn.Module, job: _EvalJob, *, seed: int | None, base_seed: i
         "finetune_eps": job.finetune_eps if job.finetune == "adversarial" else None,
         "finetune_gamma": job.finetune_gamma if job.finetune == "adversarial" else None,
         "anil": None if job.anil is None else repr(job.anil),
+        "learner": "maml" if job.learner is None else repr(job.learner),
         "train_mode": mode,
         "seed": seed,
         "base_seed": base_seed,

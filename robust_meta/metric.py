@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from ._checks import check_batch
 from .params import Params, call_features, named_params
 
-__all__ = ["ProtoNetHead", "R2D2Head", "class_means"]
+__all__ = ["LEARNERS", "METRIC_LEARNERS", "ProtoNetHead", "R2D2Head", "build_learner", "class_means", "learner_from_checkpoint"]
 
 
 def class_means(feats: Tensor, targets: Tensor, ways: int) -> Tensor:
@@ -230,8 +230,8 @@ class R2D2Head(_LinearHeadLearner, nn.Module):
         self.bias = nn.Parameter(torch.tensor(float(bias), **kw))
 
     def __repr__(self) -> str:
-        return (f"R2D2Head(head={self.head!r}, lam={float(self.log_lam.exp()):.4g}, "
-                f"scale={float(self.scale):.4g}, bias={float(self.bias):.4g})")
+        lam, scale, bias = (float(t.detach()) for t in (self.log_lam.exp(), self.scale, self.bias))
+        return f"R2D2Head(head={self.head!r}, lam={lam:.4g}, scale={scale:.4g}, bias={bias:.4g})"
 
     @property
     def lam(self) -> Tensor:
@@ -267,3 +267,59 @@ class R2D2Head(_LinearHeadLearner, nn.Module):
         weight = scale * w.t()
         bias = self.bias.to(feats.dtype).expand(ways)
         return self._write(start, weight, bias)
+
+
+#: Learner names accepted by `robust_meta.train.TrainConfig` (``learner=``) and ``--learner``:
+#: ``"maml"`` is gradient-based adaptation (`robust_meta.adapt`, or `robust_meta.ANILHead` with
+#: the ``anil`` method); the others are the metric heads of this module.
+LEARNERS = ("maml", "protonet", "r2d2")
+#: The closed-form learners (no inner steps; meta-test in eval mode, as their papers do).
+METRIC_LEARNERS = {"protonet": ProtoNetHead, "r2d2": R2D2Head}
+
+
+def build_learner(name: str, model: nn.Module, *, head: str = "classifier") -> ProtoNetHead | R2D2Head | None:
+    """The head for learner ``name`` on ``model`` (``None`` for ``"maml"``: gradient steps).
+
+    Raises:
+        ValueError: an unknown name (the message lists `LEARNERS`).
+    """
+    name = str(name).lower()
+    if name == "maml":
+        return None
+    if name not in METRIC_LEARNERS:
+        raise ValueError(f"unknown learner {name!r}; choose from {', '.join(LEARNERS)}")
+    return METRIC_LEARNERS[name](model, head)
+
+
+def _learner_state(learner: object) -> dict[str, Tensor] | None:
+    """A copy of a learner head's own meta-parameters (R2-D2's λ, scale, bias), or ``None``."""
+    if isinstance(learner, nn.Module):
+        return {k: v.detach().clone() for k, v in learner.state_dict().items()}
+    return None
+
+
+def learner_from_checkpoint(model: nn.Module, config: object, checkpoint: Mapping[str, object]):
+    """The learner head a checkpoint's config names, on ``model``, with its stored meta-parameters.
+
+    Args:
+        model: the model from `robust_meta.train.model_from_checkpoint`.
+        config: its `robust_meta.train.TrainConfig`.
+        checkpoint: the checkpoint dict (the third value of ``model_from_checkpoint``).
+
+    Returns:
+        ``None`` for ``learner="maml"``, else a `ProtoNetHead` or an `R2D2Head` (on the model's
+        device, with the λ/scale/bias the checkpoint holds).
+
+    Example:
+        >>> model, cfg, ckpt = model_from_checkpoint("runs/proto/best.pt")
+        >>> head = learner_from_checkpoint(model, cfg, ckpt)
+        >>> res = evaluate(model, tasks, eps=8/255, learner=head, train_mode=False)
+    """
+    learner = build_learner(getattr(config, "learner", "maml"), model)
+    state = (checkpoint.get("extra") or {}).get("learner") if isinstance(checkpoint, Mapping) else None
+    if isinstance(learner, nn.Module):
+        p = next(iter(named_params(model).values()))
+        learner.to(device=p.device, dtype=p.dtype)
+        if state:
+            learner.load_state_dict(state)
+    return learner

@@ -93,6 +93,7 @@ from .attacks import perturb
 from .data import Task
 from .fast import resolve_compile
 from .meta import RobustMetaUpdate
+from .metric import _learner_state, build_learner
 from .params import call_model, preserved_buffers, preserved_modes
 from .presets import method_preset
 from .regularizers import ATRegularizer, TradesRegularizer
@@ -134,7 +135,8 @@ def validate(
     step_size: float,
     attack_steps: int = 10,
     one_step: bool = False,
-    anil: ANILHead | None = None,
+    anil: Any = None,
+    train_mode: bool = True,
 ) -> dict[str, float]:
     """Mean accuracies on tasks after standard fine-tuning (S-FT).
 
@@ -142,14 +144,16 @@ def validate(
     head only with ``anil``), then scored on the clean query set (``sa``) and on its PGD
     adversarial examples (``ra``, ``attack_steps`` steps, radius ``eps``) against the
     fine-tuned weights. With ``one_step`` also ``ra_fgsm`` (FGSM with random start). The
-    network runs in train mode (batch statistics, as during meta-training); its buffers and
-    the mode of every submodule are left as they were.
+    network runs in train mode (batch statistics, as during meta-training; ``train_mode=False``:
+    running statistics, as metric learners are evaluated); its buffers and the mode of every
+    submodule are left as they were. ``anil``: an `ANILHead` or a metric head
+    (`robust_meta.ProtoNetHead`, `robust_meta.R2D2Head`) that turns the support set into weights.
 
     Returns:
         ``{"sa": ..., "ra": ...[, "ra_fgsm": ...]}`` as floats in [0, 1].
     """
     sums = {"sa": 0.0, "ra": 0.0, "ra_fgsm": 0.0}
-    with preserved_modes(model, True), preserved_buffers(model):
+    with preserved_modes(model, bool(train_mode)), preserved_buffers(model):
         for i, task in enumerate(tasks):
             if i and _VALIDATION_HOOK:
                 _VALIDATION_HOOK[-1]()
@@ -234,7 +238,11 @@ class OverfittingMonitor:
 # --------------------------------------------------------------------------- training
 
 def _build_objective(model: nn.Module, config: TrainConfig):
-    """(RobustMetaUpdate, inner regularizer or None, ANILHead or None, aux module or None)."""
+    """(RobustMetaUpdate, inner regularizer or None, the head learner or None, aux module or None).
+
+    The head learner is an `ANILHead` (method ``anil``) or a metric head (``learner=
+    "protonet"``/``"r2d2"``): both turn a support set into weights with ``.adapt``.
+    """
     m = method_preset(config.method)
     reg_kw = {"eps": config.eps, "steps": config.attack_steps, "step_size": config.attack_step_size}
     if config.attack == "fgsm" and config.attack_steps is None:
@@ -255,7 +263,9 @@ def _build_objective(model: nn.Module, config: TrainConfig):
         F.cross_entropy, model, eps=config.eps, gamma_out=gamma_out, regularizer=outer_reg, aux=aux,
     )
     anil = ANILHead(model) if m.anil else None
-    return update, inner_reg, anil, aux
+    # A metric learner (ProtoNet, R2-D2) takes the place of the inner loop; it is `anil`'s slot.
+    learner = build_learner(config.learner, model)
+    return update, inner_reg, anil if learner is None else learner, aux
 
 
 def _mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -443,10 +453,12 @@ class _Boundary:
 
 
 def _best_payload(model: nn.Module, config: TrainConfig, step: int, aux: nn.Module | None,
-                  val: Mapping[str, Any], score: float, data: Any = None) -> dict[str, Any]:
-    """The ``best.pt`` content for the model as it is now (copied); ``data``: `data_identity`."""
+                  val: Mapping[str, Any], score: float, data: Any = None, learner: Any = None) -> dict[str, Any]:
+    """The ``best.pt`` content for the model as it is now (copied); ``data``: `data_identity`;
+    ``learner``: the head learner, whose own meta-parameters (R2-D2) are stored with it."""
     return checkpoint_state(model=model, config=config, step=step, aux=aux, on_device=True,
-                            extra={"val": dict(val), "score": score, "select": config.select, "data": data})
+                            extra={"val": dict(val), "score": score, "select": config.select, "data": data,
+                                   "learner": _learner_state(learner)})
 
 
 def _write_logs(records: list[dict[str, Any]], log_path: Path, csv_path: Path) -> None:
@@ -469,7 +481,7 @@ def _check_resumable(ckpt: Mapping[str, Any], config: TrainConfig, data_id: Any,
         CheckpointError: a config option outside `RESUMABLE_CHANGES` differs, or the data differ
             from those ``last.pt`` was trained on (splits, images, labels).
     """
-    old = dict(ckpt["config"])
+    old = {"learner": "maml", **dict(ckpt["config"])}  # checkpoints before learners: MAML
     new = config.to_dict()
     saved_id = ckpt.get("extra", {}).get("data")
     if saved_id is not None and data_id is not None and saved_id != data_id:
@@ -536,7 +548,10 @@ def _train(
     update, inner_reg, anil, aux = _build_objective(model, config)
     if aux is not None:
         aux.to(device)
-    params = list(model.parameters()) + ([] if aux is None else list(aux.parameters()))
+    head_params = list(anil.parameters()) if isinstance(anil, nn.Module) else []  # R2-D2: λ, scale, bias
+    if head_params:
+        anil.to(device)
+    params = list(model.parameters()) + ([] if aux is None else list(aux.parameters())) + head_params
     optimizer = torch.optim.Adam(params, lr=config.meta_lr)
 
     with _forked_rng(step_seed(config.seed, "val-tasks"), device):
@@ -553,6 +568,8 @@ def _train(
             optimizer.load_state_dict(ckpt["optimizer"])
         if aux is not None and ckpt.get("aux") is not None:
             aux.load_state_dict(ckpt["aux"])
+        if isinstance(anil, nn.Module) and ckpt.get("extra", {}).get("learner"):
+            anil.load_state_dict(ckpt["extra"]["learner"])
         start = int(ckpt["step"])
         extra = ckpt.get("extra", {})
         best_score = float(extra.get("best_score", -math.inf))
@@ -593,7 +610,7 @@ def _train(
         """The state at the end of ``step`` (what last.pt holds at that boundary)."""
         extra = {"best_score": best_score, "best_step": best_step,
                  "monitor": [list(h) for h in monitor.history], "best": best, "log_rows": len(records),
-                 "data": data_id}
+                 "data": data_id, "learner": _learner_state(anil)}
         # On the device (a clone, no host transfer): written to disk, on the CPU, at flush time.
         state = checkpoint_state(model=model, config=config, step=step, optimizer=optimizer, aux=aux,
                                  extra=extra, on_device=True)
@@ -673,7 +690,8 @@ def _train(
                             _validation_hook(lambda s=step: fault("validate", s)):
                         val = validate(model, val_tasks, eps=config.eps, steps=config.test_inner_steps,
                                        step_size=config.inner_lr, attack_steps=config.eval_attack_steps,
-                                       one_step=config.one_step_attack, anil=anil)
+                                       one_step=config.one_step_attack, anil=anil,
+                                       train_mode=config.learner == "maml")
 
                 # -- bookkeeping, logs, checkpoint, boundary: a signal waits until it is done --
                 with guard.critical():
@@ -696,7 +714,7 @@ def _train(
                         rec["best"] = score > best_score
                         if score > best_score:
                             best_score, best_step = score, step
-                            best = _best_payload(model, config, step, aux, val, score, data_id)
+                            best = _best_payload(model, config, step, aux, val, score, data_id, anil)
                     rec["time"] = round(time.perf_counter() - t0, 3)
                     if main_process and (step % config.log_every == 0 or "val_score" in rec):
                         clean = _clean_json(rec)
@@ -736,5 +754,5 @@ def _train(
         return best_path
     if not best_path.exists():  # meta_steps == 0 or resumed after the end
         with guard.critical():
-            _write_best(_best_payload(model, config, start, aux, {}, best_score, data_id), best_path)
+            _write_best(_best_payload(model, config, start, aux, {}, best_score, data_id, anil), best_path)
     return best_path

@@ -179,3 +179,56 @@ def test_metric_heads_work_with_robust_meta_models_and_evaluate():
     for head in (ProtoNetHead(model), R2D2Head(model)):
         params = head.adapt(tasks[0].support_x, tasks[0].support_y)
         assert call_model(model, tasks[0].query_x, params).shape == (6, 3)
+
+
+# ----------------------------------------------------------------------------- everywhere a learner is chosen
+def _tiny(**kw):
+    from robust_meta.demo import demo_config
+
+    return demo_config("rmaml-out", quick=True).replace(meta_steps=4, eval_every=2, **kw)
+
+
+@pytest.mark.parametrize("learner", ["protonet", "r2d2"])
+def test_train_resume_checkpoint_and_eval_with_a_metric_learner(learner, tmp_path, capsys):
+    from robust_meta.cli import main
+    from robust_meta.metric import learner_from_checkpoint
+    from robust_meta.train import load_checkpoint, model_from_checkpoint, train
+
+    cfg = _tiny(learner=learner)
+    best = train(cfg, out_dir=tmp_path / "full", progress=False)
+    train(cfg.replace(meta_steps=2), out_dir=tmp_path / "part", progress=False)
+    train(cfg, out_dir=tmp_path / "part", resume=True, progress=False)
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "part" / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k  # bitwise resume
+    assert a["extra"]["learner"] == b["extra"]["learner"]
+    model, config, ckpt = model_from_checkpoint(best)
+    assert config.learner == learner
+    head = learner_from_checkpoint(model, config, ckpt)
+    assert type(head).__name__ == {"protonet": "ProtoNetHead", "r2d2": "R2D2Head"}[learner]
+    if learner == "r2d2":  # its meta-learned λ, scale and bias were trained and stored
+        assert set(ckpt["extra"]["learner"]) == {"log_lam", "scale", "bias"}
+        assert float(head.scale.detach()) == float(ckpt["extra"]["learner"]["scale"])
+    out = tmp_path / "e.json"
+    assert main(["eval", str(best), "--tasks", "3", "--attack-steps", "2", "--no-progress", "--out", str(out)]) == 0
+    import json
+
+    res = json.loads(out.read_text())
+    assert res["settings"]["train_mode"] is False and res["settings"]["learner"] == learner
+
+
+def test_a_metric_learner_refuses_inner_steps_options():
+    from robust_meta.train import TrainConfig
+
+    with pytest.raises(ValueError, match="closed form"):
+        TrainConfig(method="anil", learner="protonet").resolved()
+    with pytest.raises(ValueError, match="unknown learner"):
+        TrainConfig(learner="svm").resolved()
+    model = model64()
+    sx, sy, qx, qy = task()
+    t = [rm.Task(sx, sy, qx, qy)]
+    with pytest.raises(ValueError, match="no fine-tuning steps"):
+        rm.evaluate(model, t, eps=0.1, learner="protonet", finetune="adversarial", progress=False)
+    res = rm.evaluate(model, t, eps=[0, 0.1], learner="protonet", train_mode=False, progress=False, seed=0)
+    manual = (call_model(model, qx, ProtoNetHead(model).adapt(sx, sy)).argmax(1) == qy).double().mean()
+    assert res.metrics["sa"].values == [float(manual)]

@@ -274,3 +274,19 @@ def test_the_audit_reuses_the_protocol_streams_and_is_in_results_and_table(quick
         assert 0 <= a["ra_worst"]["mean"] <= a["ra_protocol"]["mean"] + 1e-12
         assert a["drop"]["mean"] >= 0 and a["strong_attack"].startswith("PGD-")
     assert "Strong-attack audit" in (out / "table.md").read_text()
+
+
+@needs_data
+def test_protonet_rows_train_evaluate_and_audit_with_running_statistics(tmp_path):
+    """Issue 18, item 4: ProtoNet rows selectable with --methods; each row says its learner."""
+    out = tmp_path / "out"
+    code = main(["reproduce", "omniglot", "--data-folder", str(OMNIGLOT), "--out", str(out), "--quick",
+                 "--methods", "maml,protonet,rprotonet-out-fgsm", "--ways", "5", "--no-progress"])
+    assert code == 0
+    doc = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in doc["runs"]}
+    assert rows["maml"]["learner"] == "maml" and rows["maml"]["train_mode"] is True
+    for m in ("protonet", "rprotonet-out-fgsm"):
+        assert rows[m]["learner"] == "protonet" and rows[m]["train_mode"] is False
+        assert 0 <= rows[m]["ra"]["mean"] <= rows[m]["sa"]["mean"] + 1e-9 and "audit" in rows[m]
+    assert "R-ProtoNet_out-FGSM" in (out / "table.md").read_text()
