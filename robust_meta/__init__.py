@@ -57,6 +57,7 @@ from .metric import ProtoNetHead, R2D2Head
 from .models import Conv4, ResNet12, ResNet18, build_model
 from .params import ModelAt, call_features, call_head, call_model, named_params
 from .regularizers import ATRegularizer, RobustnessRegularizer, TradesRegularizer, trades_kl
+from .support_attacks import THREATS, perturb_support
 from .visualize import feature_inversion, plot_ra_vs_eps, save_image_grid
 
 __all__ = [
@@ -87,6 +88,7 @@ __all__ = [
     "RobustnessRegularizer",
     "StrongAttack",
     "Task",
+    "THREATS",
     "TaskSampler",
     "TradesAttack",
     "TradesRegularizer",
@@ -118,6 +120,7 @@ __all__ = [
     "omniglot_splits",
     "omniglot_task_sampler",
     "perturb",
+    "perturb_support",
     "plot_ra_vs_eps",
     "project_linf",
     "save_image_grid",

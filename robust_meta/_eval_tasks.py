@@ -217,6 +217,7 @@ class _EvalJob:
     eps_list: list[float]
     mode: bool | None  # None: every submodule keeps its own mode
     checks: bool
+    threats: tuple[str, ...]
     compile: bool
     channels_last: bool | str
     device: torch.device
@@ -251,10 +252,43 @@ def _eval_task(model: nn.Module, job: _EvalJob, index: int, raw: Any, task_seed:
                               steps=a_steps, step_size=a_lr, n_classes=ways, training=job.mode)
                 with torch.no_grad():
                     row[metric_name(label, e)] = _accuracy(call_model(model, adv, fast), task.query_y)
+        if "support" in job.threats or "both" in job.threats:
+            row.update(_support_threats(model, job, task, ways))
         if job.checks and index == 0:
             # After the attacks, so that the values do not depend on ``checks``.
             msgs += _first_task_checks(model, fast, task, F.cross_entropy if job.loss_fn is None else job.loss_fn)
     return row, msgs
+
+
+def _support_threats(model: nn.Module, job: _EvalJob, task: Task, ways: int) -> dict[str, float]:
+    """RA with a poisoned support set (PGD through the adaptation), and with both sets attacked."""
+    from .support_attacks import _adapt_fn, perturb_support, support_metric_name
+
+    row: dict[str, float] = {}
+    adapt_fn = _adapt_fn(model, learner=job.learner, anil=job.anil, steps=job.steps,
+                         step_size=job.step_size, loss_fn=job.loss_fn)
+    for e in job.eps_list:
+        if e == 0:
+            continue
+        poisoned = perturb_support(adapt_fn, model, task.support_x, task.support_y, task.query_x,
+                                   task.query_y, eps=e, steps=job.attack_steps,
+                                   step_size=job.attack_step_size, training=job.mode)
+        with torch.no_grad():
+            fast = adapt_fn(poisoned, task.support_y) if job.learner is not None else finetune(
+                model, poisoned, task.support_y, steps=job.steps, step_size=job.step_size,
+                first_order=True, anil=job.anil, loss_fn=job.loss_fn)
+            if "support" in job.threats:
+                row[support_metric_name("support", "pgd", e)] = _accuracy(call_model(model, task.query_x, fast),
+                                                                          task.query_y)
+        if "both" in job.threats:
+            for label, spec in job.table:
+                a_steps, a_lr = _attack_steps(spec, job.attack_steps, job.attack_step_size)
+                adv = perturb(spec, model, task.query_x, task.query_y, params=fast, eps=e,
+                              steps=a_steps, step_size=a_lr, n_classes=ways, training=job.mode)
+                with torch.no_grad():
+                    row[support_metric_name("both", label, e)] = _accuracy(call_model(model, adv, fast),
+                                                                           task.query_y)
+    return row
 
 
 def _serial(model: nn.Module, job: _EvalJob, source: Iterable[Any], base_seed: int):

@@ -213,6 +213,7 @@ def evaluate(
     max_tasks: int | None = None,
     progress: bool = True,
     checks: bool = True,
+    threats: Sequence[str] = ("query",),
     seed: int | None = None,
     workers: int = 1,
     compile: bool | str = "auto",
@@ -269,6 +270,13 @@ def evaluate(
         max_tasks: stop after this many tasks (needed for an endless task stream).
         progress: show a tqdm progress bar (if tqdm is installed).
         checks: run the sanity checks (see below).
+        threats: what the adversary perturbs: ``"query"`` (the default; ``ra[...]``),
+            ``"support"`` (the support images, by PGD-``attack_steps`` on the clean query's
+            loss *after* adaptation, the gradient taken through the adaptation — closed form
+            for metric learners, the unrolled steps for MAML: ``ra_support[pgd@ε]``, accuracy
+            on the clean query) and ``"both"`` (the poisoned support, then each query attack
+            against the weights it gave: ``ra_both[<attack>@ε]``). See
+            `robust_meta.support_attacks`.
         seed: seed of the random starts of the attacks: task ``i`` is evaluated on a private
             random stream seeded with ``seed + i``, so its values do not depend on the other
             tasks, on ``workers`` or on `robust_meta.distributed.evaluate_distributed`. ``None``
@@ -333,7 +341,7 @@ def evaluate(
         finetune_gamma=finetune_gamma, anil=anil, learner=learner, attack_steps=attack_steps,
         attack_step_size=attack_step_size, loss_fn=loss_fn, train_mode=train_mode, checks=checks,
         compile=compile, channels_last=channels_last, workers=workers,
-        known=_known_tasks(tasks, max_tasks),
+        known=_known_tasks(tasks, max_tasks), threats=threats,
     )
     base_seed = _base_seed(seed)
     early = _reach_checks(job) if checks else []
@@ -404,6 +412,7 @@ def _build_job(
     finetune_eps: float | None, finetune_gamma: float, anil: ANILHead | None, learner: Any, attack_steps: int,
     attack_step_size: float | None, loss_fn: LossFn | None, train_mode: bool | None, checks: bool,
     compile: bool | str, channels_last: bool | str, workers: int, known: int | None,
+    threats: Sequence[str] = ("query",),
 ) -> _EvalJob:
     """Validate the options and resolve them into the picklable per-task job."""
     if finetune not in FINETUNE:
@@ -428,6 +437,14 @@ def _build_job(
             f"workers > 1 runs CPU processes, but the model is on {device}; on a GPU use one "
             "process per device (robust_meta.distributed.evaluate_distributed)"
         )
+    from .support_attacks import THREATS
+
+    if isinstance(threats, str):
+        threats = (threats,)
+    threats = tuple(str(t).lower() for t in threats)
+    bad = [t for t in threats if t not in THREATS]
+    if bad or not threats:
+        raise ValueError(f"unknown threats {bad or threats!r}; choose from {', '.join(THREATS)}")
     per_process = None if known is None else -(-known // workers)
     _fast._check_channels_last(channels_last)
     return _EvalJob(
@@ -435,7 +452,7 @@ def _build_job(
         finetune_attack=finetune_attack, finetune_eps=finetune_eps, finetune_gamma=finetune_gamma,
         attack_steps=attack_steps, attack_step_size=attack_step_size, anil=anil, loss_fn=loss_fn,
         learner=learner, table=table, eps_list=eps_list, mode=None if train_mode is None else bool(train_mode),
-        checks=checks,
+        checks=checks, threats=threats,
         compile=resolve_compile(compile, device, work=per_process, min_work=AUTO_COMPILE_MIN_TASKS),
         channels_last=channels_last, device=device, dtype=dtype,
     )
@@ -475,10 +492,18 @@ def _reach_checks(job: _EvalJob) -> list[str]:
 def _run_tasks(model: nn.Module, job: _EvalJob, tasks: Any, base_seed: int, *, max_tasks: int | None,
                workers: int, progress: bool) -> tuple[dict[str, list[float]], list[str], int, float]:
     """Per-task values of every metric, the first-task messages, the task count and the time."""
+    from .support_attacks import support_metric_name
+
     values: dict[str, list[float]] = OrderedDict(sa=[])
     for label, _ in job.table:
         for e in job.eps_list:
             values[metric_name(label, e)] = []
+    for e in (e for e in job.eps_list if e > 0):
+        if "support" in job.threats:
+            values[support_metric_name("support", "pgd", e)] = []
+        if "both" in job.threats:
+            for label, _ in job.table:
+                values[support_metric_name("both", label, e)] = []
     messages: list[str] = []
     source: Iterable[Task] = iter_tasks(tasks)
     if max_tasks is not None:
@@ -549,6 +574,7 @@ def _settings(model: nn.Module, job: _EvalJob, *, seed: int | None, base_seed: i
         "anil": None if job.anil is None else repr(job.anil),
         "learner": "maml" if job.learner is None else repr(job.learner),
         "train_mode": mode,
+        "threats": list(job.threats),
         "seed": seed,
         "base_seed": base_seed,
         "workers": workers,

@@ -232,3 +232,61 @@ def test_a_metric_learner_refuses_inner_steps_options():
     res = rm.evaluate(model, t, eps=[0, 0.1], learner="protonet", train_mode=False, progress=False, seed=0)
     manual = (call_model(model, qx, ProtoNetHead(model).adapt(sx, sy)).argmax(1) == qy).double().mean()
     assert res.metrics["sa"].values == [float(manual)]
+
+
+# ----------------------------------------------------------------------------- support-set attacks
+class Identity(nn.Module):
+    """f(x) = x flattened; a linear classifier on top (for a known optimum)."""
+
+    def __init__(self, d=4, ways=2):
+        super().__init__()
+        self.classifier = nn.Linear(d, ways)
+
+    def forward_features(self, x):
+        return x.flatten(1)
+
+    def forward(self, x):
+        return self.classifier(self.forward_features(x))
+
+
+def test_support_attack_on_protonet_reaches_the_known_optimum():
+    """1-shot 2-way ProtoNet on f(x) = x, one query of class 0: the loss grows as c_0 moves away
+    from q and c_1 towards it, so the optimum is s_0 + ε·sign(s_0 - q), s_1 + ε·sign(q - s_1)."""
+    from robust_meta.support_attacks import perturb_support
+
+    model = Identity().double()
+    s = torch.tensor([[0.2, 0.5, 0.7, 0.4], [0.8, 0.1, 0.3, 0.9]], dtype=torch.float64)
+    q = torch.tensor([[0.4, 0.4, 0.5, 0.6]], dtype=torch.float64)
+    sy, qy = torch.tensor([0, 1]), torch.tensor([0])
+    eps = 0.05  # below every |q - s_1| coordinate: no overshoot
+    head = ProtoNetHead(model)
+    adv = perturb_support(head.adapt, model, s.view(2, 1, 2, 2), sy, q.view(1, 1, 2, 2), qy, eps=eps,
+                          steps=20, step_size=eps / 4)
+    want = torch.stack([s[0] + eps * torch.sign(s[0] - q[0]), s[1] + eps * torch.sign(q[0] - s[1])])
+    torch.testing.assert_close(adv.view(2, 4), want, atol=1e-12, rtol=0)
+
+    def loss(x):
+        return float(F.cross_entropy(call_model(model, q.view(1, 1, 2, 2), head.adapt(x, sy)), qy))
+
+    assert loss(adv) > loss(s.view(2, 1, 2, 2))
+
+
+@pytest.mark.parametrize("learner", ["protonet", "maml"])
+def test_evaluate_reports_support_and_both_threats_and_leaves_buffers_alone(learner):
+    torch.manual_seed(0)
+    model = rm.Conv4(1, 3, hidden=4, image_size=8)
+    g = torch.Generator().manual_seed(0)
+    tasks = [rm.Task(torch.rand(3, 1, 8, 8, generator=g), torch.arange(3), torch.rand(9, 1, 8, 8, generator=g),
+                     torch.arange(3).repeat(3)) for _ in range(3)]
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    res = rm.evaluate(model, tasks, eps=[0, 16 / 255], steps=2, step_size=0.1, attack_steps=3, seed=0,
+                      learner=None if learner == "maml" else learner, train_mode=learner == "maml",
+                      threats=("query", "support", "both"), progress=False)
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    m = res.metrics
+    assert {"ra_support[pgd@16/255]", "ra_both[pgd@16/255]"} <= set(m)
+    assert m["ra_both[pgd@16/255]"].mean <= m["sa"].mean + 1e-9
+    assert res.settings["threats"] == ["query", "support", "both"]
+    with pytest.raises(ValueError, match="unknown threats"):
+        rm.evaluate(model, tasks, eps=0.1, threats=("labels",), progress=False)
