@@ -12,6 +12,8 @@ EXTRAS=${EXTRAS:-"demo,test,torchmeta,omniglot"}
 DOCS=${DOCS:-1}
 # 1: also install the optional torchattacks bridge (see install_torchattacks below).
 TORCHATTACKS=${TORCHATTACKS:-0}
+# 1: also install learn2learn 0.2.0 (rebuilt for Python >= 3.11: scripts/install_learn2learn.sh).
+LEARN2LEARN=${LEARN2LEARN:-0}
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
@@ -38,5 +40,8 @@ if [ "$TORCHATTACKS" = 1 ]; then
   echo "[setup] installing torchattacks (--no-deps, keeping requests $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("requests"))' 2>/dev/null || echo 'absent'))"
   pip_ --no-deps "torchattacks>=3.5"
   pip_ scipy
+fi
+if [ "$LEARN2LEARN" = 1 ]; then
+  VENV="$VENV" bash scripts/install_learn2learn.sh
 fi
 echo "[setup] done: $("$VENV/bin/python" -c 'import robust_meta, torch; print("robust-meta", robust_meta.__version__, "torch", torch.__version__)')"
