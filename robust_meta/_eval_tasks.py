@@ -62,7 +62,7 @@ def finetune(
     * ``mode="standard"`` (S-FT): ``steps`` gradient steps on the clean loss
       (`robust_meta.adapt`, or ``anil.adapt`` for head-only fine-tuning).
     * ``mode="adversarial"`` (A-FT, Table 1): steps on
-      `\ell(w; D) + \gamma\,\ell(w; D_{adv})` with adversarial examples generated
+      \(\ell(w; D) + \gamma\,\ell(w; D_{adv})\) with adversarial examples generated
       against the current fast weights at every step (``ATRegularizer`` with
       ``gamma_in=gamma``); ``gamma=math.inf`` fine-tunes on the adversarial loss only
       (AQ-style). With ``anil`` only the head adapts.

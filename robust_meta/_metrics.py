@@ -26,7 +26,7 @@ class EvalWarning(UserWarning):
 def confidence_interval(values: Iterable[float]) -> tuple[float, float]:
     r"""Mean and half-width of the normal 95% confidence interval of per-task values.
 
-    `\mathrm{ci95} = 1.96 \cdot s / \sqrt{n}` with `s` the sample standard
+    \(\mathrm{ci95} = 1.96 \cdot s / \sqrt{n}\) with `s` the sample standard
     deviation (``ddof=1``). With a single value the interval is undefined and ``nan``.
 
     Args:

@@ -135,7 +135,7 @@ def linf_pgd(
     ``x₀`` intersected with [0, 1] (`project_linf`: exact in the images' dtype) and ``L`` the
     mean cross-entropy (``objective="ce"``, as torchattacks' PGD/FFGSM), the summed logit
     margin ``max_{j≠y} z_j − z_y`` (``"margin"``, Carlini & Wagner's loss; a second loss for
-    audits) or the summed `\mathrm{KL}(p(x_0)\,\|\,p(x))` (``"kl"``, TRADES; needs no
+    audits) or the summed \(\mathrm{KL}(p(x_0)\,\|\,p(x))\) (``"kl"``, TRADES; needs no
     labels). The random start is ``x₀ + U[-ε, ε]`` (``"uniform"``), ``x₀ + 0.001·N(0, 1)``
     (``"normal"``, the TRADES reference code) or none, projected the same way.
 
@@ -338,7 +338,7 @@ class PGDAttack:
 
 
 class TradesAttack(PGDAttack):
-    r"""ℓ∞ attack that maximises `\mathrm{KL}(p(x)\,\|\,p(x+\delta))` (TRADES); needs no labels.
+    r"""ℓ∞ attack that maximises \(\mathrm{KL}(p(x)\,\|\,p(x+\delta))\) (TRADES); needs no labels.
 
     ``steps=1`` with ``random_start="uniform"`` and ``alpha=1.25·eps`` is the one-step fast
     variant (Wong et al. 2020 applied to the TRADES objective).

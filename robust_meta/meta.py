@@ -68,7 +68,7 @@ def _accuracy(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 class RobustMetaUpdate:
-    r"""Robust outer loss for one task: `\ell(w'; D') + \gamma_{out} R(w'; D')` [+ aux].
+    r"""Robust outer loss for one task: \(\ell(w'; D') + \gamma_{out} R(w'; D')\) [+ aux].
 
     Replace the cross-entropy line of an existing MAML loop by a call to this object, on
     the same query inputs, query targets and adapted weights. Adversarial examples are

@@ -1,4 +1,4 @@
-r"""Robustness regularizers `R(w; D) = \mathbb{E} \max_{\|\delta\|_\infty \le \epsilon} g(w; x+\delta, y)`.
+r"""Robustness regularizers \(R(w; D) = \mathbb{E} \max_{\|\delta\|_\infty \le \epsilon} g(w; x+\delta, y)\).
 
 * `ATRegularizer` — adversarial training: ``g`` is the task loss on the adversarial
   input (paper eq. 2 with λ = 0).
@@ -39,7 +39,7 @@ class RegularizerOutput:
 
 
 def trades_kl(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:
-    r"""`\frac1B\sum_b \mathrm{KL}(p(x_b)\,\|\,p(x_b+\delta_b))`, gradient through both sides.
+    r"""\(\frac1B\sum_b \mathrm{KL}(p(x_b)\,\|\,p(x_b+\delta_b))\), gradient through both sides.
 
     Shape:
         clean_logits, adv_logits: ``(B, C)`` -> scalar.
@@ -118,7 +118,7 @@ class RobustnessRegularizer:
 
 
 class ATRegularizer(RobustnessRegularizer):
-    r"""Adversarial-training term `R = \ell(w; x_{adv}, y)` (paper eq. 2, λ = 0).
+    r"""Adversarial-training term \(R = \ell(w; x_{adv}, y)\) (paper eq. 2, λ = 0).
 
     Example:
         >>> reg = ATRegularizer("fgsm", eps=2/255)
@@ -143,7 +143,7 @@ class ATRegularizer(RobustnessRegularizer):
 
 
 class TradesRegularizer(RobustnessRegularizer):
-    r"""TRADES term `R = \mathrm{KL}(p_w(x)\,\|\,p_w(x+\delta))`, δ maximising it in the ε-ball.
+    r"""TRADES term \(R = \mathrm{KL}(p_w(x)\,\|\,p_w(x+\delta))\), δ maximising it in the ε-ball.
 
     Labels are not used, so extra **unlabeled** images of the task can be passed
     (``unlabeled=``): R is then the mean KL over labeled and unlabeled images together

@@ -55,8 +55,8 @@ def feature_inversion(
 ) -> Tensor:
     r"""Inverted input attribution maps (IAM): inputs that maximise one representation coordinate.
 
-    Solves paper eq. (S1), `\max_\delta r_i(x + \delta)` subject to
-    `x + \delta \in [0, 1]` (Engstrom et al. 2019), by normalised gradient ascent in
+    Solves paper eq. (S1), \(\max_\delta r_i(x + \delta)\) subject to
+    \(x + \delta \in [0, 1]\) (Engstrom et al. 2019), by normalised gradient ascent in
     ℓ2 (each step moves every image by ``step_size`` in ℓ2 along its gradient, then clips to
     [0, 1]).
 

@@ -286,7 +286,19 @@ def test_mkdocs_build_strict(tmp_path):
                  "evaluating/index.html", "api/meta/index.html", "changelog/index.html"):
         assert (site / page).exists(), page
     # mkdocstrings rendered the real API, and the changelog snippet was included.
-    assert "RobustMetaUpdate" in (site / "api/meta/index.html").read_text(encoding="utf-8")
+    meta = (site / "api/meta/index.html").read_text(encoding="utf-8")
+    assert "RobustMetaUpdate" in meta
+    # Formulas render offline: MathJax is bundled, no page loads a script from the network,
+    # and docstring math is typeset (an arithmatex span), not shown as code (issue 18, item 7).
+    assert (site / "assets" / "mathjax" / "MathJax.js").is_file()
+    assert (site / "assets" / "mathjax" / "config" / "TeX-AMS-MML_HTMLorMML-full.js").is_file()
+    import re
+
+    for page in site.rglob("*.html"):
+        remote = re.findall(r'<script[^>]+src="(https?:[^"]+)"', page.read_text(encoding="utf-8"))
+        assert not remote, f"{page.relative_to(site)} loads {remote}"
+    assert 'class="arithmatex">\\(\\ell(w' in meta
+    assert "<code>\\ell(w" not in meta
     assert "Unreleased" in (site / "changelog/index.html").read_text(encoding="utf-8")
     assert elapsed < 240, f"docs build took {elapsed:.0f} s"
 
