@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--meta-steps", type=int, default=None)
     r.add_argument("--test-tasks", type=int, default=None)
     r.add_argument("--audit-tasks", type=int, default=None,
-                   help="test tasks of the strong-attack audit of every RA (default 50; 0: none)")
+                   help="test tasks of the strong-attack audit of every RA (default 25; 0: none)")
     r.add_argument("--device", default="auto")
     r.add_argument("--workers", default="auto",
                    help="runs at once, each in its own process (default auto: 2 on a CPU with >= 2 "

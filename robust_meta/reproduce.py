@@ -158,7 +158,7 @@ class OmniglotReproduction:
     eval_every: int = 100
     image_size: int = 28
     seed: int = 0
-    audit_tasks: int = 50
+    audit_tasks: int = 25
     audit_steps: int = 50
     audit_restarts: int = 2
     audit_tolerance: float = 0.03
