@@ -526,6 +526,9 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     print("methods:")
     for m in METHOD_PRESETS.values():
         print(f"  {m.name:<18} {m.paper_name:<20} {m.description}")
+    from .metric import LEARNERS
+
+    print(f"learners (--learner): {', '.join(LEARNERS)}  (maml: gradient steps; protonet, r2d2: closed-form heads)")
     print("datasets:")
     for d in DATASET_PRESETS.values():
         print(f"  {d.name:<18} eps={d.eps * 255:g}/255  {d.in_channels}x{d.image_size}x{d.image_size}  {d.description}")
