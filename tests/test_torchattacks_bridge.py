@@ -60,7 +60,7 @@ def test_native_pgd_equals_torchattacks_pgd_given_the_same_random_start(mode):
     theirs = torchattacks.PGD(view, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)(x, y)
     torch.manual_seed(7)
     ours = perturb("pgd", model, x, y, eps=eps, steps=steps)
-    assert torch.equal(ours, theirs)
+    _same_up_to_the_exact_projection(ours, theirs, x, eps)
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
@@ -76,7 +76,14 @@ def test_native_fgsm_equals_torchattacks_ffgsm_given_the_same_random_start(mode)
     torch.manual_seed(11)
     torch.randn_like(x)
     ours = perturb("fgsm", model, x, y, eps=eps)
-    assert torch.equal(ours, theirs)
+    _same_up_to_the_exact_projection(ours, theirs, x, eps)
+
+
+def _same_up_to_the_exact_projection(ours, theirs, x, eps):
+    """The same attack; ours differs by at most one unit in the last place, where its exact
+    projection (ε rounded down to float32, `project_linf`) and torchattacks' clamp round apart."""
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=4e-8)
+    assert bool(((ours - x).abs() <= eps).all()) and float((ours - x).abs().double().max()) <= eps
 
 
 def test_native_trades_attack_equals_torchattacks_tpgd_given_the_same_start():
@@ -337,3 +344,36 @@ def test_instance_is_retargeted_not_mutated():
     view = ModelAt(model)
     att = make_attack(user_att, view, eps=0.03)
     assert att.model is view and user_att.model is model and att is not user_att
+
+
+# ------------------------------------------------------------------ issue 17 seams, torchattacks side
+def test_a_torchattacks_instance_built_for_a_smaller_eps_is_flagged_and_projected_exactly():
+    from robust_meta.attacks import attack_reach
+    from robust_meta.data import Task
+    from robust_meta.evaluation import EvalWarning, evaluate
+
+    small = torchattacks.PGD(net(), eps=2 / 255, alpha=0.5 / 255, steps=10)  # reach 5/255
+    assert attack_reach(small, 8 / 255) == pytest.approx(5 / 255)
+    assert attack_reach(torchattacks.FFGSM, 8 / 255) == pytest.approx(10 / 255)  # default alpha 10/255
+    assert attack_reach("apgd", 8 / 255) is None  # adaptive step: no bound claimed
+    model = net().eval()
+    x, y = batch(6)
+    t = [Task(x[:5], torch.arange(5), x, y)]
+    with pytest.warns(EvalWarning, match="cannot reach"):
+        evaluate(model, t, eps=8 / 255, attacks={"small": small}, steps=1, step_size=0.1, progress=False, seed=0)
+    adv = perturb(small, model, x, y, eps=1e-3)
+    assert bool(((adv - x).abs() <= 1e-3).all()) and float((adv - x).abs().double().max()) <= 1e-3
+
+
+def test_torchattacks_seeding_never_reaches_a_cuda_generator(monkeypatch):
+    """torchattacks seeds with torch.manual_seed (every CUDA device, queued before CUDA starts):
+    robust-meta's fork drops what it queued, so the caller's first CUDA use is not seeded by it."""
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA already initialised in this process")
+    model = net().eval()  # (net() itself calls torch.manual_seed: before the snapshot)
+    x, y = batch(6)
+    tracker = torch.cuda._lazy_seed_tracker
+    before = (tracker.manual_seed_all_cb, tracker.manual_seed_cb, list(tracker.call_order))
+    perturb(torchattacks.PGD, model, x, y, eps=0.05)
+    perturb("apgd", model, x, y, eps=0.05, n_classes=5)
+    assert (tracker.manual_seed_all_cb, tracker.manual_seed_cb, list(tracker.call_order)) == before
