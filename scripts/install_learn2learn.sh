@@ -11,7 +11,7 @@
 # About half a minute of compiling on 2 cores. gym prints a deprecation banner on import.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VPY="${VENV:-.venv}/bin/python"
+VPY="$(cd "$(dirname "${VENV:-.venv}/bin/python")" && pwd)/python"  # absolute: the script changes folder
 if "$VPY" -c "import warnings; warnings.simplefilter('ignore'); import learn2learn" >/dev/null 2>&1; then
   echo "[learn2learn] already installed: $("$VPY" -c 'import importlib.metadata as m; print(m.version("learn2learn"))')"
   exit 0
