@@ -31,6 +31,10 @@ COMPILE = ("off", "on", "auto")
 AUTO_COMPILE_MIN_STEPS = 200
 
 
+#: Options added after checkpoints were first written, and what the older checkpoints did.
+_ADDED_SINCE_0_2: dict[str, Any] = {"learner": "maml"}
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; ``None`` fields come from the presets.
@@ -142,6 +146,12 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain ``dict`` of primitive values (safe for JSON and ``weights_only`` loading)."""
         return dataclasses.asdict(self)
+
+    @staticmethod
+    def saved_dict(data: Mapping[str, Any]) -> dict[str, Any]:
+        """A config dict saved by an older robust-meta, with the options added since filled in
+        with the values that reproduce what that version did (``learner="maml"``)."""
+        return {**_ADDED_SINCE_0_2, **dict(data)}
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some options changed (unknown names raise ``ValueError``)."""

@@ -503,7 +503,7 @@ def _training_state(run_dir: Path, cfg: Any, data_id: Any) -> str:
         last = load_checkpoint(last_path)
     except (CheckpointError, OSError):
         return "other"
-    old, new = dict(last.get("config", {})), cfg.to_dict()
+    old, new = type(cfg).saved_dict(last.get("config", {})), cfg.to_dict()
     old.pop("data_folder", None), new.pop("data_folder", None)
     if old != new or last.get("extra", {}).get("data") != data_id:
         return "other"

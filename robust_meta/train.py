@@ -481,7 +481,7 @@ def _check_resumable(ckpt: Mapping[str, Any], config: TrainConfig, data_id: Any,
         CheckpointError: a config option outside `RESUMABLE_CHANGES` differs, or the data differ
             from those ``last.pt`` was trained on (splits, images, labels).
     """
-    old = {"learner": "maml", **dict(ckpt["config"])}  # checkpoints before learners: MAML
+    old = TrainConfig.saved_dict(ckpt["config"])  # checkpoints before learners: MAML
     new = config.to_dict()
     saved_id = ckpt.get("extra", {}).get("data")
     if saved_id is not None and data_id is not None and saved_id != data_id:
