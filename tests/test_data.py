@@ -274,3 +274,19 @@ def test_load_tensor_dataset_errors(tmp_path):
     torch.save({"images": _NotATensor(), "labels": torch.arange(2)}, tmp_path / "p.pt")
     with pytest.raises(ValueError, match="weights_only=True"):  # arbitrary pickles are refused
         load_tensor_dataset(tmp_path / "p.pt")
+
+
+def test_uint8_images_are_sampled_as_the_float_images_would_be():
+    """A uint8 split (a benchmark's memory-mapped images) stays uint8; each task is float / 255,
+    equal to the tasks a float copy of the split gives, seed for seed."""
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (40, 3, 5, 5), generator=g, dtype=torch.uint8)
+    labels = torch.arange(8).repeat_interleave(5)
+    a = TaskSampler(raw, labels, ways=3, shots=1, queries=2, unlabeled=3, seed=7)
+    b = TaskSampler(raw.float() / 255, labels, ways=3, shots=1, queries=2, unlabeled=3, seed=7)
+    assert a.images.dtype == torch.uint8
+    for ta, tb in zip(a.sample(5), b.sample(5)):
+        for name in ("support_x", "query_x", "unlabeled"):
+            x, y = getattr(ta, name), getattr(tb, name)
+            assert x.dtype == torch.float32 and torch.equal(x, y)
+        assert torch.equal(ta.classes, tb.classes) and torch.equal(ta.query_y, tb.query_y)

@@ -75,6 +75,25 @@ def test_a_second_call_redoes_nothing_and_a_lost_result_is_re_evaluated_only(qui
 
 
 @needs_data
+def test_a_finished_run_saved_before_the_learner_option_is_reused_as_maml(quick_run):
+    """A last.pt written before `TrainConfig.learner` existed holds a MAML run: reused, not redone."""
+    from robust_meta.reproduce import _training_state
+    from robust_meta.train import TrainConfig, load_checkpoint
+
+    _, out = quick_run
+    run = out / "runs" / "maml-5way"
+    last = load_checkpoint(run / "last.pt")
+    assert last["config"].pop("learner") == "maml"
+    torch.save(last, run / "last.pt")
+    before = (run / "best.pt").stat().st_mtime_ns
+    reproduce_omniglot(OMNIGLOT, out, settings=OmniglotReproduction.quick(), progress=False)
+    assert (run / "best.pt").stat().st_mtime_ns == before  # not retrained
+    cfg = TrainConfig.from_dict(last["config"])  # learner: the default, maml
+    assert _training_state(run, cfg, last["extra"]["data"]) == "finished"
+    assert _training_state(run, cfg.replace(learner="protonet"), last["extra"]["data"]) == "other"
+
+
+@needs_data
 def test_an_interrupted_run_resumes(tmp_path):
     settings = OmniglotReproduction.quick(methods=("rmaml-out-fgsm",), ways=(5,), meta_steps=4, eval_every=2)
     out = tmp_path / "out"

@@ -350,7 +350,10 @@ class TaskSampler:
     images of the same classes that are in neither the support nor the query set.
 
     Args:
-        images: all images, in [0, 1].
+        images: all images, floating point in [0, 1], or uint8 (0–255, e.g. a
+            `robust_meta.datasets.BenchmarkSplit`'s memory-mapped images): those stay uint8
+            and each task's images become float32 / 255 when it is drawn, so a split never
+            exists as float in memory.
         labels: their real class ids.
         ways: classes per task N.
         shots: support images per class K.
@@ -392,7 +395,10 @@ class TaskSampler:
         unlabeled_pool: UnlabeledPool | None = None,
         seed: int = 0,
     ):
-        self.images = _check_images(images)
+        if isinstance(images, Tensor) and images.dtype == torch.uint8 and images.dim() >= 2:
+            self.images = images  # in range by construction; converted per task in `_take`
+        else:
+            self.images = _check_images(images)
         labels = _labels_tensor(labels)
         if len(labels) != len(images):
             raise ValueError(f"images and labels differ in length: {len(images)} and {len(labels)}")
@@ -442,6 +448,10 @@ class TaskSampler:
         """Restart the task stream from the seed."""
         self.generator.manual_seed(self.seed)
 
+    def _take(self, index: Tensor) -> Tensor:
+        x = self.images[index]
+        return x.float().div_(255) if x.dtype == torch.uint8 else x
+
     def _one(self) -> Task:
         g = self.generator
         device = self.images.device
@@ -459,9 +469,9 @@ class TaskSampler:
                 unl.append(perm[k : k + base + (1 if rank < extra else 0)])
         rel = torch.arange(self.ways, device=device)
         task = Task(
-            self.images[torch.cat(sup).to(device)],
+            self._take(torch.cat(sup).to(device)),
             rel.repeat_interleave(self.shots),
-            self.images[torch.cat(qry).to(device)],
+            self._take(torch.cat(qry).to(device)),
             rel.repeat_interleave(self.queries),
             classes=torch.tensor(chosen, dtype=torch.long, device="cpu"),
         )
@@ -469,7 +479,7 @@ class TaskSampler:
             if self.unlabeled_pool is not None:
                 task.unlabeled = self.unlabeled_pool.draw(self.unlabeled, classes=task.classes, generator=g)
             else:
-                task.unlabeled = self.images[torch.cat(unl).to(device)]
+                task.unlabeled = self._take(torch.cat(unl).to(device))
         return task
 
     def sample(self, n_tasks: int) -> list[Task]:
