@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ._train_config import TrainConfig
 from .data import Task
+from .datasets._benchmark import BENCHMARKS
 from .presets import DATASET_PRESETS
 
 __all__ = ["build_task_sources", "data_identity", "omniglot_split_for"]
@@ -55,7 +56,8 @@ def _files_identity(kind: str, folder: Path) -> dict[str, Any]:
     """What a folder of (possibly huge) data files is: names, sizes, and a hash of each file's
     first and last MiB (a full hash of many GB would cost minutes at every start)."""
     files = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    paths = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in paths:
         h = hashlib.sha256()
         size = path.stat().st_size
         with path.open("rb") as fh:
@@ -63,7 +65,7 @@ def _files_identity(kind: str, folder: Path) -> dict[str, Any]:
             if size > 2 << 20:
                 fh.seek(size - (1 << 20))
                 h.update(fh.read())
-        files.append([str(path.relative_to(folder)), size, h.hexdigest()])
+        files.append([path.name if path == folder else str(path.relative_to(folder)), size, h.hexdigest()])
     return {"kind": kind, "files": files}
 
 
@@ -108,6 +110,8 @@ def build_task_sources(config: TrainConfig) -> dict[str, _TaskSource]:
             return _torchmeta_sources(config, D, dataset="omniglot",
                                       identity=_files_identity("torchmeta:omniglot", folder / "omniglot"))
         return _omniglot_sources(config, D)
+    if name in BENCHMARKS and config.data_folder and not _is_torchmeta_root(name, config.data_folder, D):
+        return _benchmark_sources(config)
     if name in DATASET_PRESETS and DATASET_PRESETS[name].needs_folder:
         folder = config.data_folder
         if not folder:
@@ -133,6 +137,53 @@ def build_task_sources(config: TrainConfig) -> dict[str, _TaskSource]:
         images, labels = D.load_tensor_dataset(path)
         splits = D.split_classes(labels, seed=0)
     return _array_sources(config, images, labels, splits, D)
+
+
+def _is_torchmeta_root(name: str, folder: str, D: Any) -> bool:
+    """Whether ``folder`` holds torchmeta's processed files of ``name`` (every split)."""
+    try:
+        for split in ("train", "val", "test"):
+            D.check_torchmeta_folder(name, folder, split=split)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _benchmark_sources(config: TrainConfig) -> dict[str, _TaskSource]:
+    """Task sources of MiniImageNet / tieredImageNet / CIFAR-FS / FC100 read by
+    `robust_meta.datasets.load_benchmark` from the files in ``data_folder`` (any layout it reads).
+
+    Images stay uint8 (memory-mapped where large) and become float per task.
+    """
+    from .data import TaskSampler
+    from .datasets import load_benchmark
+
+    root = Path(config.data_folder).expanduser()
+    parts = {split: load_benchmark(config.dataset, root, split) for split in ("train", "val", "test")}
+    want = (config.in_channels, config.image_size, config.image_size)
+    identity = _files_identity(f"benchmark:{config.dataset}", root)
+    identity["classes"] = {split: list(p.classes) for split, p in parts.items()}
+    sources = {}
+    for split, part in parts.items():
+        if tuple(part.images.shape[1:]) != want:
+            raise ValueError(
+                f"{config.dataset} {split} images are {tuple(part.images.shape[1:])} (C, H, W) in "
+                f"{str(root)!r} ({part.layout}), but the config asks for {want}: set image_size="
+                f"{part.images.shape[-1]} and in_channels={part.images.shape[1]}"
+            )
+        if part.num_classes < config.ways:
+            raise ValueError(f"the {split} split of {config.dataset!r} has {part.num_classes} classes, "
+                             f"fewer than ways={config.ways}")
+        sampler = TaskSampler(part.images, part.labels, ways=config.ways, shots=config.shots,
+                              queries=config.queries, unlabeled=config.unlabeled if split == "train" else 0,
+                              seed=0)
+
+        def sample(n: int, seed: int, sampler=sampler) -> list[Task]:
+            sampler.generator.manual_seed(seed)  # the stream of step s depends on (seed, s) only
+            return sampler.sample(n)
+
+        sources[split] = _TaskSource(sample, split, identity)
+    return sources
 
 
 def _array_sources(config: TrainConfig, images: Tensor, labels: Tensor, splits: Any, D: Any) -> dict[str, _TaskSource]:

@@ -155,11 +155,17 @@ DATASET_PRESETS: dict[str, DatasetPreset] = {
             for n in (5, 10, 15, 20)
         ),
         DatasetPreset("miniimagenet", eps=2 / 255, in_channels=3, image_size=84,
-                      description="MiniImageNet (torchmeta layout), ε = 2/255"),
+                      description="MiniImageNet (images/ + CSVs, pickle caches, MetaOptNet pickles "
+                                  "or torchmeta layout), ε = 2/255"),
+        DatasetPreset("tieredimagenet", eps=2 / 255, in_channels=3, image_size=84,
+                      description="tieredImageNet (*_images_png.pkl + *_labels.pkl, or torchmeta "
+                                  "layout), ε = 2/255 (not in the paper: MiniImageNet's)"),
         DatasetPreset("cifar-fs", eps=8 / 255, in_channels=3, image_size=32,
-                      description="CIFAR-FS (torchmeta layout), ε = 8/255"),
+                      description="CIFAR-FS (cifar-100-python[.tar.gz], MetaOptNet pickles or "
+                                  "torchmeta layout), ε = 8/255"),
         DatasetPreset("fc100", eps=8 / 255, in_channels=3, image_size=32,
-                      description="FC100 (torchmeta layout), ε = 8/255 (not given in the paper)"),
+                      description="FC100 (cifar-100-python[.tar.gz], MetaOptNet pickles or torchmeta "
+                                  "layout), ε = 8/255 (not given in the paper)"),
     )
 }
 

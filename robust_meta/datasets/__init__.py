@@ -6,6 +6,7 @@
 | `robust_meta.datasets.digits` | `load_digits`, `digits_splits` (scikit-learn's 8x8 digits, offline) |
 | `robust_meta.datasets.tensors` | `load_tensor_dataset` (a user's `{"images", "labels"}` tensor file) |
 | `robust_meta.datasets.torchmeta` | the torchmeta bridge (torchmeta imported lazily) |
+| `robust_meta.datasets.benchmarks` | `load_benchmark`: MiniImageNet, tieredImageNet, CIFAR-FS, FC100 from the files researchers have |
 | `robust_meta.datasets.omniglot` | `load_omniglot` from the official zips, alphabet-disjoint splits, `download_omniglot` |
 
 Importing this package imports neither torchmeta, scikit-learn, PIL nor numpy-heavy extras:
@@ -21,6 +22,8 @@ from ._tasks import (
     iter_tasks,
     split_classes,
 )
+from ._benchmark import BENCHMARKS, BenchmarkSplit, LayoutError
+from .benchmarks import load_benchmark
 from .digits import digits_splits, load_digits
 from .omniglot import (
     OMNIGLOT_SETS,
@@ -41,6 +44,10 @@ from .torchmeta import (
 )
 
 __all__ = [
+    "BENCHMARKS",
+    "BenchmarkSplit",
+    "LayoutError",
+    "load_benchmark",
     "OMNIGLOT_SETS",
     "TORCHMETA_DATASETS",
     "ClassSplits",
