@@ -13,6 +13,7 @@ Importing this package imports neither torchmeta, scikit-learn, PIL nor numpy-he
 each loader imports what it needs when called.
 """
 
+from ._benchmark import BENCHMARKS, BenchmarkSplit, LayoutError
 from ._tasks import (
     ClassSplits,
     Task,
@@ -22,9 +23,10 @@ from ._tasks import (
     iter_tasks,
     split_classes,
 )
-from ._benchmark import BENCHMARKS, BenchmarkSplit, LayoutError
 from .benchmarks import load_benchmark
+from .cifar import load_cifar_fs, load_fc100
 from .digits import digits_splits, load_digits
+from .miniimagenet import load_miniimagenet
 from .omniglot import (
     OMNIGLOT_SETS,
     OmniglotDataset,
@@ -48,6 +50,9 @@ __all__ = [
     "BenchmarkSplit",
     "LayoutError",
     "load_benchmark",
+    "load_cifar_fs",
+    "load_fc100",
+    "load_miniimagenet",
     "OMNIGLOT_SETS",
     "TORCHMETA_DATASETS",
     "ClassSplits",
