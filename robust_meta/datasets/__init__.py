@@ -37,6 +37,7 @@ from .omniglot import (
     omniglot_task_sampler,
 )
 from .tensors import load_tensor_dataset
+from .tieredimagenet import load_tieredimagenet
 from .torchmeta import (
     TORCHMETA_DATASETS,
     check_torchmeta_folder,
@@ -53,6 +54,7 @@ __all__ = [
     "load_cifar_fs",
     "load_fc100",
     "load_miniimagenet",
+    "load_tieredimagenet",
     "OMNIGLOT_SETS",
     "TORCHMETA_DATASETS",
     "ClassSplits",

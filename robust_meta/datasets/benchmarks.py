@@ -53,6 +53,8 @@ def load_benchmark(
             layout expects); a `FileNotFoundError`.
     """
     key = str(name).lower().replace("_", "-")
+    key = {"tiered-imagenet": "tieredimagenet", "mini-imagenet": "miniimagenet", "cifarfs": "cifar-fs",
+           "fc-100": "fc100"}.get(key, key)
     if key not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
     if split not in BENCHMARK_SPLITS:
