@@ -277,21 +277,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser(
         "reproduce",
-        help="reproduce a paper comparison: 'omniglot' (MAML/AQ/R-MAML_out, 1-shot 5-20 way)",
-        description="Train maml, aq, rmaml-out-at, rmaml-out-trades and rmaml-out-fgsm on the "
+        help="reproduce a paper comparison: 'omniglot' (MAML/AQ/R-MAML_out, 1-shot 5-20 way), "
+             "'miniimagenet' or 'cifar-fs' (Tables 1-3 / S2-S3: 5-way 1- and 5-shot)",
+        description="omniglot: train maml, aq, rmaml-out-at, rmaml-out-trades and rmaml-out-fgsm on the "
                     "meta-train alphabets of Omniglot and evaluate each at 1-shot 5/10/15/20-way "
-                    "on the held-out alphabets (SA; RA under PGD-10 at eps = 10/255; 95% CIs). "
-                    "Writes OUT/results.json, OUT/table.md and OUT/omniglot_ways.png/.svg; a second "
-                    "call resumes and skips finished runs.",
+                    "on the held-out alphabets (SA; RA under PGD-10 at eps = 10/255; 95% CIs); writes "
+                    "OUT/omniglot_ways.png/.svg. miniimagenet / cifar-fs: the same methods and "
+                    "rmaml-out-anil, Conv4, 5-way 1-shot and 5-shot, eps = 2/255 / 8/255, S-FT with 10 "
+                    "steps, RA under PGD-10 (sized for a GPU: the wall time is measured and estimated "
+                    "first); writes OUT/<benchmark>_shots.png/.svg. Every RA is audited with a strong "
+                    "attack. Writes OUT/results.json and OUT/table.md; a second call resumes and skips "
+                    "finished runs.",
     )
-    r.add_argument("benchmark", choices=["omniglot"], help="which comparison")
+    r.add_argument("benchmark", choices=["omniglot", "miniimagenet", "cifar-fs"], help="which comparison")
     r.add_argument("--data-folder", required=True,
                    help="Omniglot: the official zips (images_background*.zip, images_evaluation.zip) "
-                        "or their extracted folders")
+                        "or their extracted folders; miniimagenet / cifar-fs: any layout "
+                        "robust_meta.datasets.load_benchmark reads")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--quick", action="store_true", help="a few-minute run (tiny model, few steps/tasks)")
     r.add_argument("--methods", default=None, help="comma-separated subset of the methods")
-    r.add_argument("--ways", default=None, help="comma-separated N values (default 5,10,15,20)")
+    r.add_argument("--ways", default=None, help="omniglot only: comma-separated N values (default 5,10,15,20)")
+    r.add_argument("--shots", default=None,
+                   help="miniimagenet / cifar-fs only: comma-separated K values (default 1,5)")
     r.add_argument("--meta-steps", type=int, default=None)
     r.add_argument("--test-tasks", type=int, default=None)
     r.add_argument("--audit-tasks", type=int, default=None,
@@ -550,23 +558,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- main
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import OmniglotReproduction, reproduce_omniglot, results_table
+    from .reproduce import (
+        OmniglotReproduction,
+        benchmark_spec,
+        reproduce_benchmark,
+        reproduce_omniglot,
+        results_table,
+    )
 
+    omniglot = args.benchmark == "omniglot"
     changes: dict[str, Any] = {}
     if args.methods:
         changes["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    if args.ways:
+    for option, axis, allowed in (("ways", "N", omniglot), ("shots", "K", not omniglot)):
+        value = getattr(args, option)
+        if not value:
+            continue
+        if not allowed:
+            other = "miniimagenet and cifar-fs" if option == "shots" else "omniglot"
+            fixed = ("1-shot" if option == "shots" else f"{benchmark_spec(args.benchmark).ways}-way")
+            raise UsageError(f"--{option} is for {other} only: the {args.benchmark} reproduction is {fixed}")
         try:
-            changes["ways"] = tuple(int(n) for n in args.ways.split(",") if n.strip())
+            changes[option] = tuple(int(n) for n in value.split(",") if n.strip())
         except ValueError:
-            raise UsageError(f"--ways must be comma-separated integers, got {args.ways!r}") from None
+            raise UsageError(f"--{option} must be comma-separated integers ({axis} values), got {value!r}") from None
     if args.meta_steps is not None:
         changes["meta_steps"] = args.meta_steps
     if args.test_tasks is not None:
         changes["test_tasks"] = args.test_tasks
     if args.audit_tasks is not None:
         changes["audit_tasks"] = args.audit_tasks
-    settings = OmniglotReproduction.quick(**changes) if args.quick else OmniglotReproduction(**changes)
+    if omniglot:
+        settings = OmniglotReproduction.quick(**changes) if args.quick else OmniglotReproduction(**changes)
+        plot = "omniglot_ways.png"
+    else:
+        spec = benchmark_spec(args.benchmark)
+        settings = spec.quick(**changes) if args.quick else spec.replace(**changes)
+        plot = f"{spec.dataset}_shots.png"
     if args.workers == "auto":
         from ._cpus import usable_cpus
         from .train import _device
@@ -580,8 +608,12 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     try:
-        doc = reproduce_omniglot(args.data_folder, out, settings=settings, device=args.device,
-                                 progress=args.progress, workers=workers)
+        if omniglot:
+            doc = reproduce_omniglot(args.data_folder, out, settings=settings, device=args.device,
+                                     progress=args.progress, workers=workers)
+        else:
+            doc = reproduce_benchmark(args.benchmark, args.data_folder, out, settings=settings,
+                                      device=args.device, progress=args.progress, workers=workers)
     except KeyboardInterrupt as err:
         from ._signals import exit_code
 
@@ -590,7 +622,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         return exit_code(err)
     print(results_table(doc), end="")
     print(f"({time.perf_counter() - t0:.0f} s) wrote {out / 'results.json'}, {out / 'table.md'}, "
-          f"{out / 'omniglot_ways.png'} (.svg)")
+          f"{out / plot} (.svg)")
     return 0
 
 

@@ -1,4 +1,18 @@
-"""The paper's Omniglot comparison in one call: ``robust-meta reproduce omniglot``.
+"""The paper's comparisons in one call: ``robust-meta reproduce omniglot`` / ``miniimagenet`` /
+``cifar-fs``.
+
+**MiniImageNet and CIFAR-FS** (`reproduce_benchmark`; one `BenchmarkReproduction` spec per
+benchmark in `BENCHMARK_SPECS`): the paper's Tables 1–3 and S2–S3, 5-way 1-shot and 5-shot,
+Conv4, ε = 2/255 (MiniImageNet) and 8/255 (CIFAR-FS), the methods of `BENCHMARK_METHODS`
+(MAML, AQ, R-MAML_out (AT), -ANIL, -FGSM, (TRADES)), S-FT with 10 steps at test time, RA
+under PGD-10 with the strong-attack audit below. One model per (method, K) in
+``runs/<method>-<K>shot/``; ``results.json`` and ``table.md`` as for Omniglot (rows also carry
+``"benchmark"``), the plot is ``<benchmark>_shots.png`` / ``.svg`` (grouped bars: SA and RA per
+method, one bar per K). These runs are sized for a GPU: before training, a few meta-steps and
+one test task of every run still to do are timed on the machine, and the estimated total wall
+time is printed and recorded (``settings.estimate``).
+
+**Omniglot** (`reproduce_omniglot`):
 
 Wang et al. (ICLR 2021), Appendix 7 / Fig. S3: MAML, AQ and R-MAML_out on Omniglot,
 1-shot N-way for N ∈ {5, 10, 15, 20}, robust accuracy under PGD at ε = 10/255. For every
@@ -47,12 +61,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._reproduce_specs import (
+    BENCHMARK_METHODS,
+    BENCHMARK_SPECS,
+    BenchmarkReproduction,
+    benchmark_spec,
+    check_audit_settings,
+)
+
 __all__ = [
     "ALL_METHODS",
+    "BENCHMARK_METHODS",
+    "BENCHMARK_SPECS",
+    "BenchmarkReproduction",
     "OMNIGLOT_METHODS",
     "PROTONET_METHODS",
     "OmniglotReproduction",
+    "benchmark_spec",
+    "plot_shots",
     "plot_ways",
+    "reproduce_benchmark",
     "reproduce_omniglot",
     "results_table",
 ]
@@ -91,6 +119,7 @@ PAPER_NAMES = {
     "rmaml-out-at": "R-MAML_out (AT)",
     "rmaml-out-trades": "R-MAML_out (TRADES)",
     "rmaml-out-fgsm": "R-MAML_out-FGSM",
+    "rmaml-out-anil": "R-MAML_out-ANIL",
     "protonet": "ProtoNet",
     "protonet-aq": "ProtoNet-AQ",
     "rprotonet-out-at": "R-ProtoNet_out (AT)",
@@ -186,10 +215,7 @@ class OmniglotReproduction:
                      "audit_steps", "audit_restarts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.audit_tasks <= self.test_tasks:
-            raise ValueError(f"audit_tasks must lie in [0, test_tasks={self.test_tasks}], got {self.audit_tasks}")
-        if not 0 <= self.audit_tolerance <= 1:
-            raise ValueError(f"audit_tolerance must lie in [0, 1], got {self.audit_tolerance}")
+        check_audit_settings(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -198,24 +224,32 @@ class OmniglotReproduction:
 
     def train_config(self, method: str, ways: int, data_folder: str, device: str = "auto"):
         """The `robust_meta.train.TrainConfig` of one run."""
-        from .train import TrainConfig
+        return _train_config(self, ALL_METHODS, method,
+                             dataset=f"omniglot-{ways}way" if ways in (5, 10, 15, 20) else "omniglot",
+                             ways=ways, shots=self.shots, data_folder=data_folder, device=device)
 
-        opts = dict(ALL_METHODS[method])
-        attack_steps = 1 if opts.get("attack") == "fgsm" else self.train_attack_steps
-        if opts["method"] == "maml":
-            attack_steps = None
-        if method in self.gamma_out:
-            opts["gamma_out"] = float(self.gamma_out[method])
-        return TrainConfig(
-            dataset=f"omniglot-{ways}way" if ways in (5, 10, 15, 20) else "omniglot",
-            data_folder=str(data_folder), ways=ways, shots=self.shots, queries=self.queries,
-            meta_batch=self.meta_batch, meta_steps=self.meta_steps, inner_steps=self.inner_steps,
-            test_inner_steps=self.test_inner_steps, inner_lr=self.inner_lr, meta_lr=self.meta_lr,
-            first_order=self.first_order, eps=self.eps, attack_steps=attack_steps,
-            eval_attack_steps=self.eval_attack_steps, eval_every=self.eval_every,
-            val_tasks=self.val_tasks, hidden=self.hidden, image_size=self.image_size,
-            seed=self.seed, device=device, save_every=max(1, self.eval_every // 2), **opts,
-        ).resolved()
+
+def _train_config(settings: Any, table: dict[str, dict[str, Any]], method: str, *, dataset: str, ways: int,
+                  shots: int, data_folder: str, device: str):
+    """The resolved `robust_meta.train.TrainConfig` of one run of a reproduction (Omniglot or a
+    benchmark: both settings classes share these field names)."""
+    from .train import TrainConfig
+
+    opts = dict(table[method])
+    attack_steps = 1 if opts.get("attack") == "fgsm" else settings.train_attack_steps
+    if opts["method"] == "maml":
+        attack_steps = None
+    if method in settings.gamma_out:
+        opts["gamma_out"] = float(settings.gamma_out[method])
+    return TrainConfig(
+        dataset=dataset, data_folder=str(data_folder), ways=ways, shots=shots, queries=settings.queries,
+        meta_batch=settings.meta_batch, meta_steps=settings.meta_steps, inner_steps=settings.inner_steps,
+        test_inner_steps=settings.test_inner_steps, inner_lr=settings.inner_lr, meta_lr=settings.meta_lr,
+        first_order=settings.first_order, eps=settings.eps, attack_steps=attack_steps,
+        eval_attack_steps=settings.eval_attack_steps, eval_every=settings.eval_every,
+        val_tasks=settings.val_tasks, hidden=settings.hidden, image_size=settings.image_size,
+        seed=settings.seed, device=device, save_every=max(1, settings.eval_every // 2), **opts,
+    ).resolved()
 
 
 def _fingerprint(obj: Any) -> str:
@@ -264,8 +298,6 @@ def reproduce_omniglot(
         ValueError: bad settings, or a split with fewer classes than the largest N.
     """
     from . import data as D
-    from ._cpus import usable_cpus
-    from ._io import atomic_write_json, atomic_write_text
     from ._train_data import omniglot_identity, omniglot_split_for
 
     settings = OmniglotReproduction() if settings is None else settings
@@ -285,13 +317,6 @@ def reproduce_omniglot(
                 f"the Omniglot {split} split has {part.num_classes} classes (alphabets "
                 f"{list(getattr(splits, split))}), fewer than ways={max(settings.ways)}"
             )
-    bar_cls = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm as bar_cls
-        except ImportError:  # pragma: no cover - tqdm is a core dependency
-            bar_cls = None
-
     t_start = time.perf_counter()
     jobs = [(m, n) for m in settings.methods for n in settings.ways]
     records: dict[tuple[str, int], dict[str, Any]] = {}
@@ -299,40 +324,15 @@ def reproduce_omniglot(
         done = _finished_record(out, settings, m, n, data_id)
         if done is not None:
             records[(m, n)] = done
-    bars = {}
-    if bar_cls is not None:
-        for i, m in enumerate(settings.methods):
-            finished = sum((m, n) in records for n in settings.ways)
-            bars[m] = bar_cls(total=len(settings.ways), initial=finished, desc=m, unit="run", position=i)
-    todo = [j for j in jobs if j not in records]
     folder = str(Path(data_folder).resolve())
-    try:
-        if workers == 1 or len(todo) <= 1:
-            for m, n in todo:
-                records[(m, n)] = _run_one(data, splits, data_id, settings, m, n, out, folder, device,
-                                           progress and workers == 1, bars.get(m))
-                if m in bars:
-                    bars[m].update(1)
-        else:
-            import multiprocessing as mp
 
-            threads = max(1, usable_cpus() // workers)
-            todo.sort(key=lambda j: -j[1])  # the widest (slowest) runs first: better packing
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
-                args = [(folder, settings, m, n, str(out), device) for m, n in todo]
-                for (m, n), rec in zip(todo, pool.imap(_pool_job, args)):
-                    records[(m, n)] = rec
-                    if m in bars:
-                        bars[m].update(1)
-                # Shut down cleanly: the workers exit on the sentinel. (Leaving it to the
-                # context manager's terminate() can deadlock on the task queue's lock, which an
-                # idle worker holds while it waits, when a worker is killed.)
-                pool.close()
-                pool.join()
-    finally:
-        for bar in bars.values():
-            bar.close()
+    def run_here(job: tuple[str, int], bar: Any) -> dict[str, Any]:
+        return _run_one(data, splits, data_id, settings, job[0], job[1], out, folder, device,
+                        progress and workers == 1, bar)
+
+    _do_jobs(jobs, records, settings.methods, run_here, _pool_job,
+             lambda job: (folder, settings, job[0], job[1], str(out), device), workers=workers,
+             progress=progress)
 
     runs = [{k: v for k, v in records[j].items() if k != "key"} for j in jobs]
     doc = {
@@ -348,13 +348,76 @@ def reproduce_omniglot(
             "wall_seconds_this_call": time.perf_counter() - t_start,
         },
     }
+    _write_outputs(doc, out, plot_ways, out / "omniglot_ways.png")
+    return doc
+
+
+def _write_outputs(doc: dict[str, Any], out: Path, plot: Any, plot_path: Path) -> None:
+    """``results.json``, ``table.md`` and the plot (PNG + SVG; none without matplotlib)."""
+    from ._io import atomic_write_json, atomic_write_text
+
     atomic_write_json(doc, out / "results.json")
     atomic_write_text(results_table(doc), out / "table.md")
     try:
-        plot_ways(doc, out / "omniglot_ways.png")
+        plot(doc, plot_path)
     except ImportError as err:  # matplotlib is the [demo] extra
         print(f"no plot written: {err}")
-    return doc
+
+
+def _bar_class(progress: bool) -> Any:
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a core dependency
+        return None
+    return tqdm
+
+
+def _do_jobs(jobs: list[tuple[str, int]], records: dict[tuple[str, int], dict[str, Any]],
+             methods: tuple[str, ...], run_here: Any, pool_job: Any, pool_args: Any, *, workers: int,
+             progress: bool) -> None:
+    """Do the ``(method, n)`` jobs not in ``records`` (filled in), here or in ``workers`` processes.
+
+    ``run_here(job, bar)`` does one job in this process; ``pool_job(pool_args(job))`` in a worker.
+    One progress bar per method; with workers, the largest ``n`` first (the slowest runs: better
+    packing).
+    """
+    from ._cpus import usable_cpus
+
+    bar_cls = _bar_class(progress)
+    bars = {}
+    if bar_cls is not None:
+        for i, m in enumerate(methods):
+            mine = [j for j in jobs if j[0] == m]
+            bars[m] = bar_cls(total=len(mine), initial=sum(j in records for j in mine), desc=m, unit="run",
+                              position=i)
+    todo = [j for j in jobs if j not in records]
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for job in todo:
+                records[job] = run_here(job, bars.get(job[0]))
+                if job[0] in bars:
+                    bars[job[0]].update(1)
+        else:
+            import multiprocessing as mp
+
+            threads = max(1, usable_cpus() // workers)
+            todo.sort(key=lambda j: -j[1])  # the widest (slowest) runs first: better packing
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
+                for job, rec in zip(todo, pool.imap(pool_job, [pool_args(j) for j in todo])):
+                    records[job] = rec
+                    if job[0] in bars:
+                        bars[job[0]].update(1)
+                # Shut down cleanly: the workers exit on the sentinel. (Leaving it to the
+                # context manager's terminate() can deadlock on the task queue's lock, which an
+                # idle worker holds while it waits, when a worker is killed.)
+                pool.close()
+                pool.join()
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 def _init_worker(threads: int) -> None:
@@ -399,8 +462,12 @@ def _worker_device(device: str, index: int | None = None, cuda_count: int | None
 
 def _finished_record(out: Path, settings: OmniglotReproduction, method: str, ways: int, data_id: Any):
     """The stored ``result.json`` of a run if it is for exactly these settings, data and protocol."""
-    path = out / "runs" / f"{method}-{ways}way" / "result.json"
-    key = _fingerprint(_run_settings(settings, method, ways, data_id))
+    return _stored_record(out / "runs" / f"{method}-{ways}way" / "result.json",
+                          _fingerprint(_run_settings(settings, method, ways, data_id)))
+
+
+def _stored_record(path: Path, key: str) -> dict[str, Any] | None:
+    """The ``result.json`` at ``path`` if its reuse key is ``key``."""
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -411,20 +478,40 @@ def _finished_record(out: Path, settings: OmniglotReproduction, method: str, way
 def _run_one(data, splits, data_id, settings, method, ways, out, folder, device, progress, bar) -> dict[str, Any]:
     """Train (or resume) and evaluate one (method, N) run; write its ``result.json``."""
     from . import data as D
-    from ._io import atomic_write_json
     from ._rng import step_seed
+
+    def test_tasks() -> list:
+        sampler = D.omniglot_task_sampler(
+            data, splits, "test", ways=ways, shots=settings.shots, queries=settings.test_queries,
+            seed=step_seed(settings.seed, f"test:{ways}") % 2**62,
+        )
+        return sampler.sample(settings.test_tasks)
+
+    return _train_and_score(
+        out / "runs" / f"{method}-{ways}way", _fingerprint(_run_settings(settings, method, ways, data_id)),
+        settings.train_config(method, ways, folder, device=device), data_id, test_tasks, settings,
+        {"method": method, "ways": ways, "shots": settings.shots}, out, device, progress, bar,
+        f"{ways}-way",
+    )
+
+
+def _train_and_score(run_dir: Path, key: str, cfg: Any, data_id: Any, test_tasks: Any, settings: Any,
+                     row: dict[str, Any], out: Path, device: str, progress: bool, bar: Any,
+                     label: str) -> dict[str, Any]:
+    """Train (or resume) ``cfg`` in ``run_dir``, evaluate it on ``test_tasks()`` (SA; RA under
+    PGD-``settings.eval_attack_steps``), audit it, and write its ``result.json`` (``row`` first)."""
+    from ._io import atomic_write_json
     from ._train_config import resolve_device
+    from .anil import ANILHead
     from .attacks import StrongAttack
     from .auditing import audit
     from .evaluation import EVAL_PROTOCOL, evaluate
     from .metric import learner_from_checkpoint
+    from .presets import method_preset
     from .train import model_from_checkpoint, train
 
-    run_dir = out / "runs" / f"{method}-{ways}way"
-    key = _fingerprint(_run_settings(settings, method, ways, data_id))
     if bar is not None:
-        bar.set_postfix_str(f"{ways}-way: training")
-    cfg = settings.train_config(method, ways, folder, device=device)
+        bar.set_postfix_str(f"{label}: training")
     best = run_dir / "best.pt"
     state = _training_state(run_dir, cfg, data_id)
     if state == "finished":
@@ -439,28 +526,24 @@ def _run_one(data, splits, data_id, settings, method, ways, out, folder, device,
         train_seconds = time.perf_counter() - t0 + previous
         atomic_write_json({"train_seconds": train_seconds}, run_dir / "train_time.json")
     if bar is not None:
-        bar.set_postfix_str(f"{ways}-way: evaluating")
+        bar.set_postfix_str(f"{label}: evaluating")
     dev = resolve_device(device)
     model, config, ckpt = model_from_checkpoint(best, device=dev)
-    sampler = D.omniglot_task_sampler(
-        data, splits, "test", ways=ways, shots=settings.shots, queries=settings.test_queries,
-        seed=step_seed(settings.seed, f"test:{ways}") % 2**62,
-    )
-    tasks = sampler.sample(settings.test_tasks)
+    tasks = test_tasks()
     learner = learner_from_checkpoint(model, config, ckpt)
     # Metric learners meta-test with running batch-norm statistics (their papers); MAML with batch ones.
     protocol = dict(steps=config.test_inner_steps, step_size=config.inner_lr, learner=learner,
                     train_mode=True if learner is None else False,
                     attack_steps=settings.eval_attack_steps, seed=settings.seed, progress=progress)
+    if method_preset(config.method).anil:  # fine-tunes the head only, as it was meta-trained
+        protocol["anil"] = ANILHead(model)
     t0 = time.perf_counter()
     res = evaluate(model, tasks, eps=settings.eps, attacks=("pgd",), checks=False, **protocol)
     eval_seconds = time.perf_counter() - t0
     sa, ra = res.metrics["sa"], res.metrics["ra"]
     record = {
         "key": key,
-        "method": method,
-        "ways": ways,
-        "shots": settings.shots,
+        **row,
         "checkpoint": str(best.relative_to(out)) if best.is_relative_to(out) else str(best),
         "sa": {"mean": sa.mean, "ci95": sa.ci95},
         "ra": {"mean": ra.mean, "ci95": ra.ci95},
@@ -477,7 +560,7 @@ def _run_one(data, splits, data_id, settings, method, ways, out, folder, device,
     }
     if settings.audit_tasks:
         if bar is not None:
-            bar.set_postfix_str(f"{ways}-way: audit")
+            bar.set_postfix_str(f"{label}: audit")
         strong = StrongAttack(steps=settings.audit_steps, restarts=settings.audit_restarts)
         t0 = time.perf_counter()
         au = audit(model, tasks[: settings.audit_tasks], eps=settings.eps, strong=strong,
@@ -519,20 +602,274 @@ def _previous_train_seconds(run_dir: Path) -> float:
         return 0.0
 
 
+# ---------------------------------------------------------------------------- the benchmarks
+
+
+def _benchmark_run_settings(settings: BenchmarkReproduction, method: str, shots: int, data_id: Any) -> dict[str, Any]:
+    """Everything that defines one benchmark run's result (its reuse key)."""
+    from .evaluation import EVAL_PROTOCOL
+
+    keep = settings.to_dict()
+    for name in ("methods", "shots", "name", "estimate_steps"):  # not part of this run's result
+        keep.pop(name)
+    keep["gamma_out"] = settings.gamma_out.get(method)
+    return {"benchmark": settings.dataset, "method": method, "shots": shots, "settings": keep,
+            "data": data_id, "protocol": EVAL_PROTOCOL}
+
+
+def _run_name(method: str, shots: int) -> str:
+    return f"{method}-{shots}shot"
+
+
+def _benchmark_data(settings: BenchmarkReproduction, folder: str) -> tuple[Any, Any]:
+    """(data identity, test split) of the benchmark in ``folder``, checked against the settings:
+    image size, classes ≥ ways and images a class ≥ shots + queries in every split."""
+    from .data import TaskSampler
+    from .datasets import load_benchmark
+    from .train import build_task_sources, data_identity
+
+    widest = max(settings.shots)
+    cfg = settings.train_config(settings.methods[0], widest, folder, device="cpu")
+    data_id = data_identity(build_task_sources(cfg))
+    test = load_benchmark(settings.dataset, folder, "test")
+    TaskSampler(test.images, test.labels, ways=settings.ways, shots=widest, queries=settings.test_queries)
+    return data_id, test
+
+
+def _benchmark_test_tasks(settings: BenchmarkReproduction, test: Any, shots: int, n: int | None = None) -> list:
+    """The first ``n`` (default ``test_tasks``) seeded K-shot test tasks of the held-out classes."""
+    from ._rng import step_seed
+    from .data import TaskSampler
+
+    sampler = TaskSampler(test.images, test.labels, ways=settings.ways, shots=shots,
+                          queries=settings.test_queries,
+                          seed=step_seed(settings.seed, f"test:{shots}shot") % 2**62)
+    return sampler.sample(settings.test_tasks if n is None else n)
+
+
+def _run_benchmark_one(data_id: Any, test: Any, settings: BenchmarkReproduction, method: str, shots: int,
+                       out: Path, folder: str, device: str, progress: bool, bar: Any) -> dict[str, Any]:
+    """Train (or resume) and evaluate one (method, K) run; write its ``result.json``."""
+    return _train_and_score(
+        out / "runs" / _run_name(method, shots),
+        _fingerprint(_benchmark_run_settings(settings, method, shots, data_id)),
+        settings.train_config(method, shots, folder, device=device), data_id,
+        lambda: _benchmark_test_tasks(settings, test, shots), settings,
+        {"method": method, "ways": settings.ways, "shots": shots, "benchmark": settings.dataset},
+        out, device, progress, bar, f"{shots}-shot",
+    )
+
+
+def _benchmark_pool_job(args: tuple) -> dict[str, Any]:
+    """One (method, K) run in a worker process."""
+    folder, settings, method, shots, out, device = args
+    device = _worker_device(device)
+    data_id, test = _benchmark_data(settings, folder)
+    return _run_benchmark_one(data_id, test, settings, method, shots, Path(out), folder, device, False, None)
+
+
+class _StopTiming(Exception):
+    """Raised from the timing run's callback: enough meta-steps were timed."""
+
+
+def _seconds_per_meta_step(cfg: Any, steps: int) -> float:
+    """Seconds a meta-step of ``cfg`` takes here: a throwaway run (temporary folder) of
+    ``steps`` timed meta-steps after one warm-up step, stopped before any validation."""
+    import tempfile
+
+    from .train import train
+
+    stamps: list[float] = []
+
+    def tick(step: int, record: Any) -> None:
+        stamps.append(time.perf_counter())
+        if step == steps + 1:
+            raise _StopTiming
+
+    probe = cfg.replace(meta_steps=steps + 2, eval_every=steps + 2, save_every=steps + 2, val_tasks=1)
+    with tempfile.TemporaryDirectory(prefix="robust-meta-timing-") as tmp:
+        try:
+            train(probe, out_dir=tmp, progress=False, callback=tick)
+        except _StopTiming:
+            pass
+    return (stamps[-1] - stamps[0]) / steps
+
+
+def _seconds_per_test_task(cfg: Any, settings: BenchmarkReproduction, test: Any, shots: int, device: str) -> float:
+    """Seconds the test protocol (S-FT, clean + PGD) takes for one task with ``cfg``'s model here."""
+    from ._checkpoint import build_model_for
+    from ._train_config import resolve_device
+    from .anil import ANILHead
+    from .evaluation import evaluate
+    from .presets import method_preset
+
+    dev = resolve_device(device)
+    model = build_model_for(cfg).to(dev)
+    extra = {"anil": ANILHead(model)} if method_preset(cfg.method).anil else {}
+    tasks = _benchmark_test_tasks(settings, test, shots, n=1)
+    t0 = time.perf_counter()
+    evaluate(model, tasks, eps=settings.eps, attacks=("pgd",), checks=False, steps=cfg.test_inner_steps,
+             step_size=cfg.inner_lr, train_mode=True, attack_steps=settings.eval_attack_steps,
+             seed=settings.seed, progress=False, **extra)
+    return time.perf_counter() - t0
+
+
+def _estimate(settings: BenchmarkReproduction, todo: list[tuple[str, int]], test: Any, folder: str,
+              device: str, workers: int) -> dict[str, Any]:
+    """Time ``estimate_steps`` meta-steps (and one test task) of every run to do; the estimated
+    wall time of all of them (training, validation, test, audit), printed and returned."""
+    from ._train_config import resolve_device
+
+    dev = str(resolve_device(device))
+    if not todo:
+        print("estimated total wall time: 0 s (every run is finished)")
+        return {"total_seconds": 0.0, "runs": 0, "device": dev}
+    print(f"timing {settings.estimate_steps} meta-step(s) of each of the {len(todo)} runs to do on {dev} ...",
+          flush=True)
+    per_step: dict[str, float] = {}
+    per_task: dict[str, float] = {}
+    total = 0.0
+    # audit per task: the protocol's attack plus 2 losses × restarts × audit_steps strong steps
+    audit_factor = 1 + 2 * settings.audit_restarts * settings.audit_steps / settings.eval_attack_steps
+    validations = settings.meta_steps // settings.eval_every + (settings.meta_steps % settings.eval_every > 0)
+    for method, shots in todo:
+        cfg = settings.train_config(method, shots, folder, device=device)
+        s_step = per_step[_run_name(method, shots)] = _seconds_per_meta_step(cfg, settings.estimate_steps)
+        s_task = per_task[_run_name(method, shots)] = _seconds_per_test_task(cfg, settings, test, shots, device)
+        total += (settings.meta_steps * s_step + validations * settings.val_tasks * s_task
+                  + settings.test_tasks * s_task + settings.audit_tasks * s_task * audit_factor)
+    measured = ", ".join(f"{v:.3g} s per meta-step for {k}" for k, v in per_step.items())
+    print(f"estimated total wall time: {_duration(total)} for {len(todo)} runs of {settings.meta_steps} "
+          f"meta-steps on {dev}, one at a time"
+          + (f" (about {_duration(total / min(workers, len(todo)))} with {workers} workers at best)"
+             if workers > 1 and len(todo) > 1 else "")
+          + f" (measured: {measured}; {max(per_task.values()):.3g} s per test task at most)", flush=True)
+    return {"total_seconds": total, "runs": len(todo), "device": dev, "timing_steps": settings.estimate_steps,
+            "seconds_per_meta_step": per_step, "seconds_per_test_task": per_task,
+            "validations_per_run": validations}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def reproduce_benchmark(
+    name: str,
+    data_folder: str | Path,
+    out: str | Path,
+    *,
+    settings: BenchmarkReproduction | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    workers: int = 1,
+    estimate: bool = True,
+) -> dict[str, Any]:
+    """The paper's comparison on ``name`` (``"miniimagenet"``, ``"cifar-fs"``): train and evaluate
+    every method at every K; write results.json, table.md and ``<name>_shots.png/.svg``.
+
+    Every (method, K) run lies in ``out/runs/<method>-<K>shot/``; like `reproduce_omniglot` it is
+    resumable and reused only for the same settings, evaluation protocol and data identity, and
+    every RA is audited with a `robust_meta.StrongAttack`.
+
+    Args:
+        name: the benchmark (a key of `BENCHMARK_SPECS`).
+        data_folder: its files, any layout `robust_meta.datasets.load_benchmark` reads.
+        out: output folder (created; a second call resumes and skips finished runs).
+        settings: the configuration (default ``BENCHMARK_SPECS[name]``; ``.quick()`` for CI);
+            its ``dataset`` must be ``name``.
+        device, progress, workers: as for `reproduce_omniglot`.
+        estimate: first time ``settings.estimate_steps`` meta-steps and one test task of every
+            run still to do on this machine, print the estimated total wall time and record it
+            in ``results.json`` (``settings.estimate``).
+
+    Returns:
+        The ``results.json`` document.
+
+    Raises:
+        ValueError: unknown benchmark, bad settings, or data that do not fit them (image size,
+            too few classes or images a class).
+        FileNotFoundError: no such benchmark at ``data_folder``.
+    """
+    spec = benchmark_spec(name)
+    settings = spec if settings is None else settings
+    if not isinstance(settings, BenchmarkReproduction):
+        raise TypeError(f"settings must be a BenchmarkReproduction, got {type(settings).__name__}")
+    if settings.dataset != spec.dataset:
+        raise ValueError(f"settings are for {settings.dataset!r}, not {spec.dataset!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    out = Path(out)
+    folder = str(Path(data_folder).expanduser().resolve())
+    data_id, test = _benchmark_data(settings, folder)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    jobs = [(m, k) for m in settings.methods for k in settings.shots]
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    for m, k in jobs:
+        done = _stored_record(out / "runs" / _run_name(m, k) / "result.json",
+                              _fingerprint(_benchmark_run_settings(settings, m, k, data_id)))
+        if done is not None:
+            records[(m, k)] = done
+    todo = [j for j in jobs if j not in records]
+    timing = _estimate(settings, todo, test, folder, device, workers) if estimate else None
+
+    def run_here(job: tuple[str, int], bar: Any) -> dict[str, Any]:
+        return _run_benchmark_one(data_id, test, settings, job[0], job[1], out, folder, device,
+                                  progress and workers == 1, bar)
+
+    _do_jobs(jobs, records, settings.methods, run_here, _benchmark_pool_job,
+             lambda job: (folder, settings, job[0], job[1], str(out), device), workers=workers,
+             progress=progress)
+    doc = {
+        "runs": [{k: v for k, v in records[j].items() if k != "key"} for j in jobs],
+        "settings": {
+            **settings.to_dict(),
+            "benchmark": settings.dataset,
+            "data_folder": str(data_folder),
+            "classes": {s: len(c) for s, c in (data_id or {}).get("classes", {}).items()},
+            "device": device,
+            "workers": workers,
+            "estimate": timing,
+            "wall_seconds_this_call": time.perf_counter() - t_start,
+        },
+    }
+    _write_outputs(doc, out, plot_shots, out / f"{settings.dataset}_shots.png")
+    return doc
+
+
 def results_table(doc: dict[str, Any]) -> str:
-    """A Markdown table of ``results.json``: SA and RA (mean ± 95% CI, %) per method and N."""
+    """A Markdown table of ``results.json``: SA and RA (mean ± 95% CI, %) per method and N
+    (Omniglot) or per method and K (a benchmark's ``results.json``), and the audit table."""
     runs = doc["runs"]
-    ways = sorted({r["ways"] for r in runs})
+    bench = (doc.get("settings") or {}).get("benchmark")
+    if bench is None:
+        return _markdown_table(runs, "ways", "way", "of held-out alphabets", "; 1-shot; train time summed "
+                               "over the N-way runs.")
+    name = doc["settings"].get("name", bench)
+    n_way = runs[0]["ways"] if runs else doc["settings"].get("ways")
+    return _markdown_table(runs, "shots", "shot", f"of the {name} test classes",
+                           f"; {n_way}-way; train time summed over the K-shot runs.")
+
+
+def _markdown_table(runs: list[dict[str, Any]], axis: str, unit: str, tasks_of: str, tail: str) -> str:
+    """The results and audit tables, one column pair per value of the ``axis`` key of the runs."""
+    values = sorted({r[axis] for r in runs})
     methods = list(dict.fromkeys(r["method"] for r in runs))
-    by = {(r["method"], r["ways"]): r for r in runs}
+    by = {(r["method"], r[axis]): r for r in runs}
     eps = runs[0]["eps"] if runs else float("nan")
-    head = "| method | " + " | ".join(f"{n}-way SA | {n}-way RA" for n in ways) + " | train time |"
-    sep = "|---|" + "---|---|" * len(ways) + "---|"
+    head = "| method | " + " | ".join(f"{n}-{unit} SA | {n}-{unit} RA" for n in values) + " | train time |"
+    sep = "|---|" + "---|---|" * len(values) + "---|"
     lines = [head, sep]
     for m in methods:
         cells = []
         total = 0.0
-        for n in ways:
+        for n in values:
             r = by.get((m, n))
             if r is None:
                 cells += ["–", "–"]
@@ -545,19 +882,19 @@ def results_table(doc: dict[str, Any]) -> str:
     attack = runs[0].get("attack", "PGD") if runs else "PGD"
     lines.append("")
     lines.append(
-        f"SA / RA in %, mean ± 95% CI over {n_tasks} test tasks of held-out alphabets; "
-        f"RA under {attack} at ε = {eps * 255:.3g}/255; 1-shot; train time summed over the N-way runs."
+        f"SA / RA in %, mean ± 95% CI over {n_tasks} test tasks {tasks_of}; "
+        f"RA under {attack} at ε = {eps * 255:.3g}/255{tail}"
     )
     audited = [r for r in runs if r.get("audit")]
     if audited:
         a0 = audited[0]["audit"]
         lines += ["", "Strong-attack audit: RA under the protocol's attack → worst case with a far stronger one "
                   f"({a0['strong_attack']}), on the first {a0['n_tasks']} test tasks (drop in points ± 95% CI):", ""]
-        lines.append("| method | " + " | ".join(f"{n}-way" for n in ways) + " |")
-        lines.append("|---|" + "---|" * len(ways))
+        lines.append("| method | " + " | ".join(f"{n}-{unit}" for n in values) + " |")
+        lines.append("|---|" + "---|" * len(values))
         for m in methods:
             cells = []
-            for n in ways:
+            for n in values:
                 a = (by.get((m, n)) or {}).get("audit")
                 if not a:
                     cells.append("–")
@@ -600,13 +937,50 @@ def plot_ways(doc: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
         ax.set_xticks(sorted({r["ways"] for r in runs}))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    png, svg = path.with_suffix(".png"), path.with_suffix(".svg")
+    return _save_figure(fig, path)
+
+
+def plot_shots(doc: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
+    """A benchmark's RA and SA per method, one bar per K-shot setting (95% CI error bars), as PNG
+    and SVG (the paper's Tables 2–3 / S2–S3 as a figure)."""
+    from .visualize import _matplotlib
+
+    Figure, FigureCanvasAgg = _matplotlib()
+    runs = doc["runs"]
+    settings = doc.get("settings") or {}
+    name = settings.get("name", settings.get("benchmark", ""))
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    shots = sorted({r["shots"] for r in runs})
+    by = {(r["method"], r["shots"]): r for r in runs}
+    fig = Figure(figsize=(max(9, 1.6 * len(methods) * 2), 3.8))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    width = 0.8 / max(1, len(shots))
+    for ax, metric, title in ((axes[0], "ra", f"RA ({runs[0]['attack'] if runs else 'PGD'})"), (axes[1], "sa", "SA")):
+        for i, k in enumerate(shots):
+            xs = [j + (i - (len(shots) - 1) / 2) * width for j, m in enumerate(methods) if (m, k) in by]
+            rs = [by[(m, k)] for m in methods if (m, k) in by]
+            ax.bar(xs, [100 * r[metric]["mean"] for r in rs], width, yerr=[100 * r[metric]["ci95"] for r in rs],
+                   capsize=2, label=f"{k}-shot")
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels([PAPER_NAMES.get(m, m) for m in methods], rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(f"{title} %")
+        ax.set_title(f"{name}: {title}" + (f", {runs[0]['ways']}-way" if runs else ""))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: str | Path) -> tuple[Path, Path]:
+    """Write ``fig`` as ``path``'s ``.png`` and ``.svg``, atomically."""
     import io
 
     from ._io import atomic_write_bytes
 
+    fig.tight_layout()
+    path = Path(path)
+    png, svg = path.with_suffix(".png"), path.with_suffix(".svg")
     for target, fmt in ((png, "png"), (svg, "svg")):
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, dpi=120)
