@@ -110,8 +110,10 @@ def build_task_sources(config: TrainConfig) -> dict[str, _TaskSource]:
             return _torchmeta_sources(config, D, dataset="omniglot",
                                       identity=_files_identity("torchmeta:omniglot", folder / "omniglot"))
         return _omniglot_sources(config, D)
-    if name in BENCHMARKS and config.data_folder and not _is_torchmeta_root(name, config.data_folder, D):
-        return _benchmark_sources(config)
+    if name in BENCHMARKS and config.data_folder:
+        not_torchmeta = _torchmeta_mismatch(name, config.data_folder, D)
+        if not_torchmeta is not None:
+            return _benchmark_sources(config, not_torchmeta)
     if name in DATASET_PRESETS and DATASET_PRESETS[name].needs_folder:
         folder = config.data_folder
         if not folder:
@@ -139,27 +141,32 @@ def build_task_sources(config: TrainConfig) -> dict[str, _TaskSource]:
     return _array_sources(config, images, labels, splits, D)
 
 
-def _is_torchmeta_root(name: str, folder: str, D: Any) -> bool:
-    """Whether ``folder`` holds torchmeta's processed files of ``name`` (every split)."""
+def _torchmeta_mismatch(name: str, folder: str, D: Any) -> str | None:
+    """``None`` if ``folder`` holds torchmeta's processed files of ``name`` (every split), else
+    what is missing (torchmeta's own message)."""
     try:
         for split in ("train", "val", "test"):
             D.check_torchmeta_folder(name, folder, split=split)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
+    except (FileNotFoundError, ValueError) as err:
+        return str(err)
+    return None
 
 
-def _benchmark_sources(config: TrainConfig) -> dict[str, _TaskSource]:
+def _benchmark_sources(config: TrainConfig, not_torchmeta: str = "") -> dict[str, _TaskSource]:
     """Task sources of MiniImageNet / tieredImageNet / CIFAR-FS / FC100 read by
-    `robust_meta.datasets.load_benchmark` from the files in ``data_folder`` (any layout it reads).
+    `robust_meta.datasets.load_benchmark` from the files in ``data_folder`` (any layout it reads;
+    ``not_torchmeta``: why the folder is not a torchmeta root, for the error when it is neither).
 
     Images stay uint8 (memory-mapped where large) and become float per task.
     """
     from .data import TaskSampler
-    from .datasets import load_benchmark
+    from .datasets import LayoutError, load_benchmark
 
     root = Path(config.data_folder).expanduser()
-    parts = {split: load_benchmark(config.dataset, root, split) for split in ("train", "val", "test")}
+    try:
+        parts = {split: load_benchmark(config.dataset, root, split) for split in ("train", "val", "test")}
+    except LayoutError as err:  # none of the files we read, nor torchmeta's: say both
+        raise LayoutError(f"{err}\n  - or torchmeta's processed files ({not_torchmeta})") from None
     want = (config.in_channels, config.image_size, config.image_size)
     identity = _files_identity(f"benchmark:{config.dataset}", root)
     identity["classes"] = {split: list(p.classes) for split, p in parts.items()}
