@@ -75,7 +75,9 @@ def data_identity(sources: dict[str, _TaskSource]) -> dict[str, Any] | None:
     In-memory datasets (digits, ``tensor:PATH``, Omniglot from the official zips): the SHA-256
     of the decoded images and labels and the class lists of the train / val / test splits
     (Omniglot: its alphabet split). torchmeta folders: every file's name, size and a hash of
-    its first and last MiB. Two folders with the same identity give the same tasks; a change
+    its first and last MiB. MiniImageNet / tieredImageNet / CIFAR-FS / FC100 read by
+    `robust_meta.datasets.load_benchmark`: per split, a hash of every label, the class list and
+    2048 evenly spaced images. Two folders with the same identity give the same tasks; a change
     of content, of the images present or of the split changes it. `robust_meta.train` stores
     it in ``last.pt`` and refuses to resume on other data (another path to the *same* data is
     fine); ``reproduce`` and ``eval --resume`` key their reuse on it.
@@ -152,6 +154,17 @@ def _torchmeta_mismatch(name: str, folder: str, D: Any) -> str | None:
     return None
 
 
+def _split_fingerprint(part: Any, sample: int = 2048) -> str:
+    """What one benchmark split is, by content and independent of where it lies: the SHA-256 of
+    its shape, every label, its class list and ``sample`` evenly spaced images (hashing all of a
+    memory-mapped tieredImageNet split, 9.5 GB, would read it whole at every start)."""
+    n = len(part.labels)
+    idx = torch.linspace(0, max(n - 1, 0), min(n, sample)).round().long().unique()
+    h = hashlib.sha256(_sha256_tensors(part.images[idx], part.labels).encode())
+    h.update(f"{tuple(part.images.shape)}\0{chr(10).join(part.classes)}".encode())
+    return h.hexdigest()
+
+
 def _benchmark_sources(config: TrainConfig, not_torchmeta: str = "") -> dict[str, _TaskSource]:
     """Task sources of MiniImageNet / tieredImageNet / CIFAR-FS / FC100 read by
     `robust_meta.datasets.load_benchmark` from the files in ``data_folder`` (any layout it reads;
@@ -168,8 +181,9 @@ def _benchmark_sources(config: TrainConfig, not_torchmeta: str = "") -> dict[str
     except LayoutError as err:  # none of the files we read, nor torchmeta's: say both
         raise LayoutError(f"{err}\n  - or torchmeta's processed files ({not_torchmeta})") from None
     want = (config.in_channels, config.image_size, config.image_size)
-    identity = _files_identity(f"benchmark:{config.dataset}", root)
-    identity["classes"] = {split: list(p.classes) for split, p in parts.items()}
+    identity = {"kind": f"benchmark:{config.dataset}",
+                "splits": {split: _split_fingerprint(p) for split, p in parts.items()},
+                "classes": {split: list(p.classes) for split, p in parts.items()}}
     sources = {}
     for split, part in parts.items():
         if tuple(part.images.shape[1:]) != want:

@@ -53,6 +53,12 @@ def test_tasks_are_float_images_of_their_own_split(tmp_path):
             assert set(names) <= set(cifar_fs_classes(split))
     ident = data_identity(sources)
     assert ident["kind"] == "benchmark:cifar-fs" and len(ident["classes"]["train"]) == 64
+    # the same files elsewhere, next to unrelated ones: the same identity (content, not path)
+    import shutil
+
+    copy = shutil.copytree(root, tmp_path / "elsewhere" / "cifar")
+    (copy.parent / "unrelated.bin").write_bytes(b"x" * 10)
+    assert data_identity(build_task_sources(cfg.replace(data_folder=str(copy)))) == ident
     # other pixels, same names and sizes: another identity (a resume onto them is refused)
     other = _metaoptnet_cifar_fs(tmp_path / "other", seed=1)
     assert data_identity(build_task_sources(cfg.replace(data_folder=str(other)))) != ident
