@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .presets import DATASET_PRESETS
+
 __all__ = ["BENCHMARK_METHODS", "BENCHMARK_SPECS", "BenchmarkReproduction", "benchmark_spec"]
 
 #: The methods of the paper's MiniImageNet Tables 2–3 (and CIFAR-FS Tables S2–S3), as
@@ -169,10 +171,11 @@ def check_audit_settings(settings: Any) -> None:
 
 
 #: One spec per benchmark: the paper's settings (``.quick()`` for CI).
+#: ε and image size are the dataset presets' (`robust_meta.presets.DATASET_PRESETS`), not copies.
 BENCHMARK_SPECS: dict[str, BenchmarkReproduction] = {
-    "miniimagenet": BenchmarkReproduction(dataset="miniimagenet", name="MiniImageNet", eps=2 / 255,
-                                          image_size=84),
-    "cifar-fs": BenchmarkReproduction(dataset="cifar-fs", name="CIFAR-FS", eps=8 / 255, image_size=32),
+    key: BenchmarkReproduction(dataset=key, name=name, eps=DATASET_PRESETS[key].eps,
+                               image_size=DATASET_PRESETS[key].image_size)
+    for key, name in (("miniimagenet", "MiniImageNet"), ("cifar-fs", "CIFAR-FS"))
 }
 
 
